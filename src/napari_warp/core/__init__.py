@@ -1,0 +1,1 @@
+"""GUI-free processing library. Never imports napari, qtpy or magicgui."""

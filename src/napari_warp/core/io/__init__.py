@@ -1,0 +1,1 @@
+"""Reading and writing what microscopes and other programs write."""

@@ -1,0 +1,46 @@
+"""Shared fixtures: the real-data folder, and guards that keep a missing display from aborting the run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Widget tests run offscreen; gl tests need a real X server (pytest-xvfb provides one when Xvfb is installed).
+HAVE_DISPLAY = bool(os.environ.get("DISPLAY")) or shutil.which("Xvfb") is not None
+if not HAVE_DISPLAY:
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _find_data() -> Path | None:
+    env = os.environ.get("NAPARI_WARP_TEST_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO.parent / "shared" / "data")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared real-data folder (``$NAPARI_WARP_TEST_DATA`` or ``../shared/data``); skips when absent."""
+    d = _find_data()
+    if d is None:
+        pytest.skip(
+            "real data not found: set NAPARI_WARP_TEST_DATA or place the shared data folder at ../shared/data"
+        )
+    return d
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_DISPLAY:
+        return
+    skip_gl = pytest.mark.skip(reason="no display: neither $DISPLAY nor Xvfb is available for gl tests")
+    for item in items:
+        if "gl" in item.keywords:
+            item.add_marker(skip_gl)
