@@ -1,0 +1,139 @@
+"""Core results -> napari LayerData tuples, with physical scale in Å.
+
+This is the one module that converts between pixel coordinates (what ``core`` and STAR files use) and napari's
+world coordinates (Å, through each layer's ``scale``). Layer *data* stays in pixels of its own sampling, so a
+Points layer written back to STAR needs no conversion; ``scale`` carries the pixel size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+LayerData = tuple[Any, dict, str]
+
+UNIT = "angstrom"
+
+
+def _scale(pixel_size: float | None, ndim: int) -> tuple[float, ...]:
+    ps = float(pixel_size) if pixel_size else 1.0
+    return (1.0,) * (ndim - 2) + (ps, ps) if ndim >= 2 else (ps,)
+
+
+def _units(pixel_size: float | None, ndim: int) -> tuple[str, ...]:
+    # Without a pixel size the honest unit is the pixel.
+    unit = UNIT if pixel_size else "pixel"
+    return ("pixel",) * (ndim - 2) + (unit, unit)
+
+
+def contrast_limits(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
+    """Percentile contrast limits from (a subsample of) an image; never a zero-width range."""
+    flat = np.asarray(image, dtype=np.float32).ravel()
+    if flat.size > 1_000_000:
+        flat = flat[:: flat.size // 1_000_000]
+    lo, hi = np.percentile(flat, [low, high]) if flat.size else (0.0, 1.0)
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        lo, hi = float(np.nanmin(flat, initial=0.0)), float(np.nanmax(flat, initial=1.0))
+        hi = hi if hi > lo else lo + 1.0
+    return float(lo), float(hi)
+
+
+def image_layer(
+    data,
+    pixel_size: float | None,
+    name: str,
+    *,
+    axis_labels: tuple[str, ...] | None = None,
+    preview: np.ndarray | None = None,
+    **kwargs,
+) -> LayerData:
+    """An Image layer in Å. ``data`` is (y, x), (frames, y, x) or (z, y, x); may be lazy (dask).
+
+    ``preview`` is a small in-memory slice used for contrast limits, so a lazy movie is not read in full.
+    """
+    ndim = len(data.shape)
+    if "contrast_limits" not in kwargs:
+        kwargs["contrast_limits"] = contrast_limits(preview if preview is not None else np.asarray(data))
+    if axis_labels is None:
+        axis_labels = ("frame", "y", "x")[-ndim:] if ndim <= 3 else tuple(f"axis {i}" for i in range(ndim))
+    meta = {
+        "name": name,
+        "scale": _scale(pixel_size, ndim),
+        "units": _units(pixel_size, ndim),
+        "axis_labels": axis_labels,
+        "metadata": {"pixel_size": pixel_size, **kwargs.pop("metadata", {})},
+        **kwargs,
+    }
+    return (data, meta, "image")
+
+
+def movie_layer(movie, name: str | None = None) -> LayerData:
+    """A lazy (frames, y, x) Image layer from a :class:`napari_warp.core.io.movie.Movie`; 2D for one frame."""
+    name = name or movie.path.name
+    preview = movie.frames(0)[0]
+    metadata = {"path": str(movie.path), "voltage": movie.voltage, "exposure": movie.exposure}
+    if movie.shape[0] == 1:
+        return image_layer(preview, movie.pixel_size, name, metadata=metadata)
+    return image_layer(movie.to_dask(), movie.pixel_size, name, preview=preview, metadata=metadata)
+
+
+def volume_layer(volume: np.ndarray, voxel_size: float | None, name: str) -> LayerData:
+    """A (z, y, x) Image layer with isotropic voxel size in Å."""
+    vs = float(voxel_size) if voxel_size else 1.0
+    unit = UNIT if voxel_size else "pixel"
+    data, meta, kind = image_layer(volume, voxel_size, name, axis_labels=("z", "y", "x"))
+    meta["scale"] = (vs, vs, vs)
+    meta["units"] = (unit, unit, unit)
+    return data, meta, kind
+
+
+def points_layer(
+    yx: np.ndarray,
+    pixel_size: float | None,
+    name: str,
+    *,
+    features: dict | None = None,
+    diameter: float | None = None,
+    **kwargs,
+) -> LayerData:
+    """A Points layer from (N, 2) pixel (y, x) positions; ``diameter`` in Å sets the marker size."""
+    yx = np.asarray(yx, dtype=float).reshape(-1, 2)
+    ps = float(pixel_size) if pixel_size else 1.0
+    size = (diameter / ps) if diameter else 20.0
+    meta = {
+        "name": name,
+        "scale": (ps, ps),
+        "units": _units(pixel_size, 2),
+        "size": size,
+        "face_color": "transparent",
+        "border_color": "yellow",
+        "border_width": 0.08,
+        "symbol": "disc",
+        "metadata": {"pixel_size": pixel_size},
+        **kwargs,
+    }
+    if features:
+        meta["features"] = features
+    return (yx, meta, "points")
+
+
+def tracks_layer(
+    positions: np.ndarray, shifts: np.ndarray, pixel_size: float | None, name: str, exaggerate: float = 1.0
+) -> LayerData:
+    """Motion tracks as Shapes paths, as Warp draws them: for P positions (P, 2) and shifts (F, P, 2) in pixels,
+    one path per position through ``position + exaggerate * shift[f]``."""
+    positions = np.asarray(positions, dtype=float).reshape(-1, 2)
+    shifts = np.asarray(shifts, dtype=float)
+    paths = list(np.moveaxis(positions[None] + exaggerate * shifts, 1, 0))  # P arrays of (F, 2)
+    ps = float(pixel_size) if pixel_size else 1.0
+    meta = {
+        "name": name,
+        "shape_type": "path",
+        "edge_color": "cyan",
+        "edge_width": 2.0,
+        "scale": (ps, ps),
+        "units": _units(pixel_size, 2),
+        "metadata": {"exaggeration": exaggerate},
+    }
+    return (paths, meta, "shapes")

@@ -1,0 +1,25 @@
+"""Sample data from core.simulate: the same simulated movie as ``napari-warp demo``, with its ground truth."""
+
+from __future__ import annotations
+
+from ._layers import image_layer, points_layer, tracks_layer
+
+
+def simulated_movie(size: int = 512, frames: int = 16, seed: int = 0) -> list:
+    """A gain-corrected simulated movie (frame, y, x) in Å, its plain average, and the true particle positions
+    and motion tracks (exaggerated ×20) as layers."""
+    from .core.demo import demo_simulation, track_positions
+    from .core.simulate import simulate_movie
+
+    settings = demo_simulation(size=size, frames=frames, seed=seed)
+    sim = simulate_movie(settings)
+    ps = settings.pixel_size
+    movie = sim.frames * sim.gain if sim.gain is not None else sim.frames
+    average = movie.mean(axis=0)
+    positions = track_positions(movie.shape[1:])
+    return [
+        image_layer(movie, ps, "simulated movie (counts, gain-corrected)", preview=movie[0], visible=False),
+        image_layer(average, ps, "simulated average (uncorrected)"),
+        points_layer(sim.truth.particles, ps, "truth: particles", diameter=sim.truth.particle_diameter),
+        tracks_layer(positions, sim.truth.shifts(positions), ps, "truth: motion ×20", exaggerate=20.0),
+    ]

@@ -1,0 +1,1 @@
+"""Thin Qt/magicgui views over napari_warp.core. Long work runs in thread_workers."""
