@@ -62,6 +62,10 @@ def test_demo_spectrum_shows_true_ctf(tmp_path):
     assert r_true > 0.6 and r_true > r_wrong + 0.4, (r_true, r_wrong)
 
     display = spectrum_display(power, sim.truth.ctf)
-    model = np.fft.fftshift(ctf_2d(sim.truth.ctf, (box, box), rfft=False).numpy() ** 2)
-    np.testing.assert_allclose(display[:, box // 2 :], model[:, box // 2 :], atol=1e-6)
+    model = np.fft.fftshift(ctf_2d(sim.truth.ctf.with_(bfactor=0.0), (box, box), rfft=False).numpy() ** 2)
+    # where rings are resolved the display's right half is the true CTF² (supersampling only smooths it)
+    yy, xx = np.mgrid[-box // 2 : box // 2, 0 : box // 2]
+    resolved = np.hypot(yy, xx) < 40
+    shown, true = display[:, box // 2 :][resolved], model[:, box // 2 :][resolved]
+    assert np.corrcoef(shown, true)[0, 1] > 0.95
     assert 0.0 <= display.min() and display.max() <= 1.0

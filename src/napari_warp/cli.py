@@ -74,37 +74,43 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
     return summary
 
 
-def _open_demo_in_napari(out: Path) -> None:
+def demo_viewer(out: Path, viewer=None, display_pixel_size: float = 4.0):
+    """A napari viewer (new unless given) showing the demo results written by :func:`run_demo` into ``out``.
+
+    The average is shown Fourier-binned to ``display_pixel_size`` Å/px, as Warp displays micrographs: at full
+    sampling a 1 Å/px micrograph is shot noise to the eye.
+    """
     import napari
     import numpy as np
 
     from ._layers import image_layer, points_layer, tracks_layer
     from ._reader import read_image
-    from .core.io.movie import read_volume
+    from .core.io.movie import open_movie, read_volume
     from .core.io.star import read_coordinates
 
-    viewer = napari.Viewer(title="napari-warp demo")
+    viewer = viewer or napari.Viewer(title="napari-warp demo")
     summary = json.loads((out / "summary.json").read_text())
     ps = summary["pixel_size_A"]
     for data, meta, _ in read_image(out / "movie.mrcs"):
-        meta["name"] = "movie (raw counts)"
-        meta["visible"] = False
+        meta.update(name="movie (raw counts)", visible=False)
         viewer.add_image(data, **meta)
-    avg, _ = read_volume(out / "average.mrc")
-    viewer.add_image(**_kw(image_layer(avg[0], ps, "average (uncorrected, gain applied)")))
+    binning = max(1.0, display_pixel_size / ps)
+    average = open_movie(out / "average.mrc", binning=binning)
+    avg = average.frames(0)[0]
+    viewer.add_image(**_kw(image_layer(avg, average.pixel_size, f"average, {average.pixel_size:.3g} Å/px")))
     picks = read_coordinates(out / "truth_particles.star")
-    viewer.add_points(**_kw(points_layer(picks.yx, ps, "truth: particles", diameter=summary["particle_diameter_A"])))
+    viewer.add_points(**_kw(points_layer(picks.yx, ps, "true particles", diameter=summary["particle_diameter_A"])))
     tracks = np.load(out / "truth_tracks.npz")
-    viewer.add_shapes(
-        **_kw(tracks_layer(tracks["positions"], tracks["shifts"], ps, "truth: motion ×20", exaggerate=20.0))
-    )
+    viewer.add_shapes(**_kw(tracks_layer(tracks["positions"], tracks["shifts"], ps, "true motion ×20", 20.0)))
     spec, _ = read_volume(out / "spectrum.mrc")
-    data, meta, _ = image_layer(spec[0], None, "power spectrum | true CTF² (1/Å grid)")
-    meta["translate"] = (0.0, avg.shape[-1] * ps * 1.05)  # beside the micrograph, not on top of it
-    meta["scale"] = (avg.shape[-2] * ps / spec.shape[-2],) * 2
+    # Placed beside the micrograph at the same displayed size; its axes are spatial frequency, not Å.
+    extent = avg.shape[-1] * average.pixel_size
+    data, meta, _ = image_layer(spec[0], extent / spec.shape[-1], "spectrum | true CTF²")
+    meta["translate"] = (0.0, extent * 1.05)
     viewer.add_image(data, **meta)
+    viewer.layers.selection.active = viewer.layers[1]
     viewer.reset_view()
-    napari.run()
+    return viewer
 
 
 def _kw(layer_data) -> dict:
@@ -135,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key:>22}: {value}")
         print(f"results in {args.out.resolve()}")
         if not args.headless:
-            _open_demo_in_napari(args.out)
+            import napari
+
+            demo_viewer(args.out)
+            napari.run()
     return 0
 
 

@@ -72,7 +72,8 @@ def movie_average_and_spectrum(
 
 def spectrum_display(power: np.ndarray, ctf: CTFParams | None, device=None) -> np.ndarray:
     """Warp-style display of a power spectrum ``(box, box)`` (non-centred): centred, left half the data (log,
-    smooth background removed, scaled to [0, 1]), right half the CTF² of ``ctf`` (the data when None)."""
+    smooth background removed, scaled to [0, 1]), right half the CTF² of ``ctf`` without its envelope, so the
+    ring positions compare at every frequency (the data half when None)."""
     device = get_device(device)
     box = power.shape[-1]
     data = torch.log(torch.fft.fftshift(torch.as_tensor(power, device=device)).clamp_min(1e-12))
@@ -86,7 +87,11 @@ def spectrum_display(power: np.ndarray, ctf: CTFParams | None, device=None) -> n
     lo, hi = torch.quantile(sample, torch.tensor([0.02, 0.995], device=device))
     out = ((data - lo) / (hi - lo)).clamp(0, 1)
     if ctf is not None:
-        model = torch.fft.fftshift(ctf_2d(ctf, (box, box), rfft=False, device=device) ** 2)
+        # Supersample 5× in frequency and average down (odd, so each block stays centred on its coarse sample):
+        # rings finer than a pixel fade to grey instead of showing moiré.
+        k = 5
+        fine = torch.fft.fftshift(ctf_2d(ctf.with_(bfactor=0.0), (k * box, k * box), rfft=False, device=device) ** 2)
+        model = torch.nn.functional.avg_pool2d(fine.roll((k // 2, k // 2), (0, 1))[None, None], k)[0, 0]
         out[:, box // 2 :] = model[:, box // 2 :]
     return to_numpy(out)
 
