@@ -9,13 +9,15 @@ Image formation (weak-phase object, Warp/torch-ctf CTF sign: ``CTF = +sin χ``, 
    contrast, as a phase in radians (``λ γ f(k)``).
 2. Ice: amorphous water as a random phase field with power ``n t (λ γ f_water)² S(k)`` (S: a structure factor with
    its 3.7 Å ring) plus a slow thickness variation that modulates intensity through inelastic loss.
-3. Intensity ``I = b(r) · (1 − 2 · CTF ⊛ φ)`` with the local defocus plane (per-pixel blend of CTFs at closely spaced
-   defocus levels), then the detector MTF; normalised to mean 1 over the field of view. Particles are dark.
+3. Intensity ``I = b(r) · (1 − 2 · CTF ⊛ φ)`` with the local defocus plane (per-pixel blend of CTFs at closely
+   spaced defocus levels), then the detector MTF; normalised to mean 1 over the field of view. Particles are dark.
 4. Motion: frame ``f`` shows the reference image deformed by global drift + a local spline field; ``MovieTruth.shifts``
    is the convention: *a feature at p in the aligned (reference) image is found at p + shift(p, f) in frame f*.
    Shifts are 0 at frame 0 (the reference). Global-only motion is applied exactly by a Fourier shift; with local
-   deformation each frame is resampled once (bicubic) through the full per-pixel field. The field of view is cut from
-   a larger canvas, so drift brings genuinely new content in at the edges (no wrap-around).
+   deformation each frame is resampled once through the full per-pixel field (bilinear on a 4× sinc-oversampled
+   canvas: position error ~0.005 px RMS on sharp spots, ≥ 92 % amplitude at Nyquist). The field of view is cut
+   from a larger canvas (room for whole edge particles, the CTF's delocalisation and the motion), so drift brings
+   genuinely new content in at the edges and nothing wraps around.
 5. Counts: ``raw = Poisson(dose_per_frame · pixel_size² · I / gain)``, integer-valued float32. The gain reference is
    multiplicative as in Warp/RELION (``corrected = raw × gain``): a pixel with gain ``g`` is ``1/g`` as sensitive, so
    ``E[raw × gain] = dose · pixel_size² · I``. Hot pixels are added last (high counts in every frame).
@@ -29,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -81,7 +83,8 @@ class MovieSimulation:
     (negative damps; the default −50 stands for coherence, intra-frame motion and charging, which are not simulated).
     specimen: "blobs" (built-in molecule), a PDB/mmCIF path (atoms) or an MRC map path (voxels; header voxel size).
     particle_diameter: Å of the "blobs" molecule (a structure's own size is used for PDB/map specimens).
-    n_particles: number of particles on the whole canvas; None fills ``particle_density`` (area fraction).
+    n_particles: particle centres inside the field of view (None: ``particle_density``, an area fraction); the band
+    one radius wide around it is filled at the same density, so particles are cut by the edges as in real data.
     ice_thickness: Å (0 for no ice). drift: Å, global drift from the first to the last frame (fast first, then
     slowing, random direction); drift_jitter: Å RMS of extra uncorrelated per-frame stage jitter.
     local_amplitude: Å RMS of the local deformation at the end of the exposure, on a cubic grid of ``local_grid``
@@ -115,8 +118,8 @@ class MovieSimulation:
     drift_jitter: float = 0.0
     local_amplitude: float = 2.0
     local_grid: tuple[int, int, int] = (3, 5, 5)
-    mtf: object = "k3"
-    gain: object = None
+    mtf: str | os.PathLike | np.ndarray | None = "k3"
+    gain: bool | np.ndarray | None = None
     n_hot_pixels: int = 0
     seed: int = 0
 
@@ -140,7 +143,7 @@ class SemiSyntheticSimulation:
     drift_jitter: float = 0.0
     local_amplitude: float = 2.0
     local_grid: tuple[int, int, int] = (3, 5, 5)
-    gain: object = None
+    gain: bool | np.ndarray | None = None
     n_hot_pixels: int = 0
     seed: int = 0
 
@@ -252,50 +255,55 @@ def simulate_movie(
     dev = get_device(device)
     rng = _rngs(s.seed)
     total = s.n_frames + 2
-    y, x = (int(n) for n in s.shape)
+    shape = (int(s.shape[0]), int(s.shape[1]))
     motion = _motion(s.n_frames, s.drift, s.drift_jitter, s.local_amplitude, s.local_grid, s.pixel_size, rng)
     ctf = CTFParams(pixel_size=s.pixel_size, defocus=s.defocus, astigmatism=s.astigmatism,
                     astigmatism_angle=s.astigmatism_angle, voltage=s.voltage, cs=s.cs, amplitude=s.amplitude,
                     phase_shift=s.phase_shift, bfactor=s.bfactor)
     model = _specimen_model(s.specimen, s.particle_diameter, s.voltage, rng["specimen"])
-    diameter_px = model.diameter / s.pixel_size
-    # The render canvas holds whole edge particles and the CTF's delocalisation (so nothing wraps into the
-    # field of view); frames are then cut from a smaller canvas that only needs room for the motion.
-    margin = max(math.ceil(diameter_px) + 2, _delocalisation_px(ctf, s.defocus_gradient, (y, x)), _margin(motion))
-    canvas_shape = (_good_size(y + 2 * margin), _good_size(x + 2 * margin))
-    offset = ((canvas_shape[0] - y) // 2, (canvas_shape[1] - x) // 2)
-
-    centers = _place_particles((y, x), diameter_px, s.n_particles, s.particle_density, rng["placement"])
+    mtf, mtf_source = detector_mtf(s.mtf, s.voltage)
+    centers = _place_particles(shape, model.diameter / s.pixel_size, s.n_particles, s.particle_density,
+                               rng["placement"])
     angles = _random_angles(len(centers), rng["placement"])
-    phase_hat = _render_phase(model, centers + np.asarray(offset), angles, canvas_shape, s.pixel_size, dev)
-    specimen = torch.fft.irfft2(phase_hat, s=canvas_shape)
-    ice_hat, background = _ice(canvas_shape, s.pixel_size, s.ice_thickness, s.voltage, rng["ice"], dev)
-    contrast = _ctf_contrast(phase_hat + ice_hat, ctf, s.defocus_gradient, (y, x), offset)
-    mtf, mtf_source = _resolve_mtf(s.mtf, s.voltage)
-    canvas = _apply_mtf(background * (1.0 + contrast), mtf)
-    canvas = (canvas / _crop(canvas, offset, (y, x)).mean()).clamp_min(0.0)
-    clean = to_numpy(_crop(canvas, offset, (y, x))).astype(np.float32)
-    motion_margin = _margin(motion)
-    exposure_shape = (_good_size(y + 2 * motion_margin), _good_size(x + 2 * motion_margin))
-    exposure_offset = ((exposure_shape[0] - y) // 2, (exposure_shape[1] - x) // 2)
-    start = (offset[0] - exposure_offset[0], offset[1] - exposure_offset[1])
-    canvas = _crop(canvas, start, exposure_shape)
+    canvas, offset, specimen = _render_reference(s, model, centers, angles, ctf, mtf, motion, rng, dev)
     if progress:
         progress(1, total)
-
-    inside = ((centers >= 0) & (centers < np.array([y, x]))).all(axis=1)
+    inside = ((centers >= 0) & (centers < np.asarray(shape))).all(axis=1)
     truth = MovieTruth(
-        shape=(y, x), pixel_size=float(s.pixel_size), dose_per_frame=float(s.dose_per_frame),
+        shape=shape, pixel_size=float(s.pixel_size), dose_per_frame=float(s.dose_per_frame),
         frame_times=motion.times, global_shifts=motion.global_px, local_nodes=motion.local_px, ctf=ctf,
-        defocus_gradient=tuple(float(g) for g in s.defocus_gradient),
-        particles=centers[inside].astype(np.float64), particle_angles=angles[inside],
-        particle_diameter=float(model.diameter),
-        specimen=to_numpy(_crop(specimen, offset, (y, x))).astype(np.float32),
-        clean=clean,
+        defocus_gradient=(float(s.defocus_gradient[0]), float(s.defocus_gradient[1])),
+        particles=centers[inside], particle_angles=angles[inside], particle_diameter=float(model.diameter),
+        specimen=specimen, clean=to_numpy(_crop(canvas, offset, shape)).astype(np.float32),
         mtf=mtf, mtf_source=mtf_source,
     )
-    frames, gain, hot = _expose(canvas, exposure_offset, truth, s.gain, s.n_hot_pixels, rng, progress, total, 1)
+    frames, gain, hot = _expose(canvas, offset, truth, s.gain, s.n_hot_pixels, rng, progress, total, 1)
     return SimulatedMovie(frames=frames, gain=gain, hot_pixels=hot, truth=truth, settings=s, voltage=s.voltage)
+
+
+def _render_reference(s: MovieSimulation, model, centers, angles, ctf: CTFParams, mtf, motion, rng, device):
+    """The reference-frame intensity (mean 1 over the field of view) on a canvas with room for the motion.
+
+    Rendering happens on a larger canvas that holds whole edge particles and the CTF's delocalisation, so nothing
+    wraps into the field of view; the result is cut down to what the frames sample.
+    Returns ``(canvas (Yc, Xc), offset of the field of view in it, specimen phase (Y, X) numpy)``.
+    """
+    shape = (int(s.shape[0]), int(s.shape[1]))
+    margin = max(math.ceil(model.diameter / s.pixel_size) + 2, _delocalisation_px(ctf, s.defocus_gradient, shape),
+                 _motion_margin(motion))
+    big_shape = (_good_size(shape[0] + 2 * margin), _good_size(shape[1] + 2 * margin))
+    big_offset = ((big_shape[0] - shape[0]) // 2, (big_shape[1] - shape[1]) // 2)
+    phase_hat = _render_phase(model, centers + np.asarray(big_offset), angles, big_shape, s.pixel_size, device)
+    ice_hat, background = _ice(big_shape, s.pixel_size, s.ice_thickness, s.voltage, rng["ice"], device)
+    contrast = _ctf_contrast(phase_hat + ice_hat, ctf, s.defocus_gradient, shape, big_offset)
+    image = _apply_mtf(background * (1.0 + contrast), mtf)
+    image = (image / _crop(image, big_offset, shape).mean()).clamp_min(0.0)
+    specimen = to_numpy(_crop(torch.fft.irfft2(phase_hat, s=big_shape), big_offset, shape)).astype(np.float32)
+    m = _motion_margin(motion)
+    canvas_shape = (_good_size(shape[0] + 2 * m), _good_size(shape[1] + 2 * m))
+    offset = ((canvas_shape[0] - shape[0]) // 2, (canvas_shape[1] - shape[1]) // 2)
+    start = (big_offset[0] - offset[0], big_offset[1] - offset[1])
+    return _crop(image, start, canvas_shape), offset, specimen
 
 
 def simulate_from_micrograph(
@@ -330,7 +338,7 @@ def simulate_from_micrograph(
     img = (img / img.mean()).clamp_min(0.0)
     y, x = img.shape
     motion = _motion(n_frames, drift, drift_jitter, local_amplitude, local_grid, pixel_size, rng)
-    margin = min(_margin(motion), y - 1, x - 1)
+    margin = min(_motion_margin(motion), y - 1, x - 1)
     canvas = F.pad(img[None, None], (margin, margin, margin, margin), mode="reflect")[0, 0]
     if progress:
         progress(1, total)
@@ -435,7 +443,7 @@ def _motion(n_frames, drift, jitter, local_amplitude, local_grid, pixel_size, rn
     return _Motion(times=times, global_px=g, local_px=local)
 
 
-def _margin(motion: _Motion) -> int:
+def _motion_margin(motion: _Motion) -> int:
     """Canvas margin (px) so every frame samples inside the canvas: max shift + spline overshoot + kernel room."""
     g = np.abs(motion.global_px).max(initial=0.0)
     loc = np.abs(motion.local_px).max(initial=0.0)
@@ -443,7 +451,7 @@ def _margin(motion: _Motion) -> int:
 
 
 def _local_field(local_px: torch.Tensor, times: torch.Tensor, p: torch.Tensor, shape) -> torch.Tensor:
-    """Local shifts ``(F, ..., 2)`` px at reference positions ``p`` ``(F, ..., 2)`` px, row f at frame time ``times[f]``.
+    """Local shifts ``(F, ..., 2)`` px at reference positions ``p`` ``(F, ..., 2)`` px; row f at time ``times[f]``.
 
     Grid coordinates are ``(t, y / (Y − 1), x / (X − 1))``; beyond the image the spline's end pieces continue
     (``core.grid``), which keeps the field smooth where frames sample just outside the field of view.
@@ -559,18 +567,26 @@ def _radial_table(fn: Callable[[torch.Tensor], torch.Tensor], k2: torch.Tensor, 
 
 
 def _blob_model(diameter: float, voltage: float, rng: np.random.Generator) -> _PointModel:
-    """The built-in molecule: carbon atoms at protein density filling a random union of 6 ellipsoids."""
-    r = 0.5 * diameter
+    """The built-in molecule: carbon atoms at protein density filling a random union of 6 ellipsoids, scaled so its
+    measured diameter is ``diameter`` (to ~1 %)."""
     n_lobes = 6
-    radii = rng.uniform(0.25, 0.45, size=(n_lobes, 3)) * r
+    radii = rng.uniform(0.25, 0.45, size=(n_lobes, 3))  # in units of the bounding radius
     centres = rng.normal(size=(n_lobes, 3))
-    centres *= ((r - radii.max(1)) * rng.uniform(0.3, 1.0, n_lobes) / np.linalg.norm(centres, axis=1))[:, None]
+    centres *= ((1 - radii.max(1)) * rng.uniform(0.3, 1.0, n_lobes) / np.linalg.norm(centres, axis=1))[:, None]
     rot = euler_to_matrix(_random_angles(n_lobes, rng))  # (L, 3, 3)
-    n_candidates = int(_PROTEIN_ATOMS_PER_A3 * (2 * r) ** 3)
-    pts = rng.uniform(-r, r, size=(n_candidates, 3))
-    local = np.einsum("lij,nlj->nli", rot, pts[:, None, :] - centres[None])  # (N, L, 3)
-    inside = ((local / radii[None]) ** 2).sum(-1).min(1) <= 1.0
-    pts = pts[inside]
+
+    def inside(pts):  # (N, 3) -> (N,) in the union of lobes
+        local = np.einsum("lij,nlj->nli", rot, pts[:, None, :] - centres[None])  # (N, L, 3)
+        return ((local / radii[None]) ** 2).sum(-1).min(1) <= 1.0
+
+    probe = rng.uniform(-1, 1, size=(20000, 3))
+    probe = probe[inside(probe)]
+    com = probe.mean(0)
+    scale = (0.5 * diameter - 2.0) / np.sqrt(((probe - com) ** 2).sum(1)).max()  # _diameter pads 2 Å
+    centres, radii = (centres - com) * scale, radii * scale
+    r = 0.5 * diameter
+    pts = rng.uniform(-r, r, size=(int(_PROTEIN_ATOMS_PER_A3 * (2 * r) ** 3), 3))
+    pts = pts[inside(pts)]
     weight = np.ones(len(pts))
     pts = _centred(pts, weight)
     return _PointModel(pts, np.zeros(len(pts), dtype=np.int64), weight, (_atom_transfer("C", voltage),),
@@ -684,25 +700,26 @@ def _place_particles(shape, diameter_px: float, n: int | None, density: float,
     return chosen[:count]
 
 
-def _splat(yx: torch.Tensor, weight: torch.Tensor, shape) -> torch.Tensor:
-    """Bilinear (periodic) splat of points ``yx`` ``(P, 2)`` px with ``weight`` ``(P,)`` -> ``(Y, X)``."""
+def _splat(yx: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """Add points ``yx`` ``(P, 2)`` px with ``weight`` ``(P,)`` bilinearly (periodic) into ``out`` ``(Y, X)``."""
+    shape = out.shape
+    flat = out.view(-1)
     y0, x0 = torch.floor(yx[:, 0]), torch.floor(yx[:, 1])
     fy, fx = yx[:, 0] - y0, yx[:, 1] - x0
     y0, x0 = y0.long(), x0.long()
-    out = torch.zeros(shape[0] * shape[1], dtype=weight.dtype, device=weight.device)
     for dy, wy in ((0, 1 - fy), (1, fy)):
         for dx, wx in ((0, 1 - fx), (1, fx)):
             idx = ((y0 + dy) % shape[0]) * shape[1] + (x0 + dx) % shape[1]
-            out.index_add_(0, idx, weight * wy * wx)
-    return out.reshape(shape)
+            flat.index_add_(0, idx, weight * wy * wx)
 
 
 def _render_phase(model: _PointModel, centers: np.ndarray, angles: np.ndarray, canvas_shape, pixel_size: float,
                   device) -> torch.Tensor:
     """rfft ``(Yc, Xc//2+1)`` of the particles' projected phase (rad per pixel) on the canvas.
 
-    Points are splatted on a 2× oversampled grid (little aliasing), transformed, cropped to the canvas band,
-    corrected for the bilinear kernel and multiplied by each channel's transfer.
+    Per channel (element), the rotated and projected points of all particles are splatted on a 2× oversampled grid
+    (little aliasing), transformed, cropped to the canvas band, corrected for the bilinear kernel and multiplied by
+    the channel's transfer. Particles go in chunks of ~4 M points to bound memory.
     """
     rshape = (canvas_shape[0], canvas_shape[1] // 2 + 1)
     out = torch.zeros(rshape, dtype=torch.complex64, device=device)
@@ -710,21 +727,22 @@ def _render_phase(model: _PointModel, centers: np.ndarray, angles: np.ndarray, c
         return out
     os_shape = (2 * canvas_shape[0], 2 * canvas_shape[1])
     rot = torch.as_tensor(euler_to_matrix(angles)[:, :2, :], dtype=torch.float32, device=device)  # (N, 2, 3) x', y'
-    pts = torch.as_tensor(model.positions, dtype=torch.float32, device=device)
     c = torch.as_tensor(centers, dtype=torch.float32, device=device)
-    proj = torch.einsum("nij,mj->nmi", rot, pts) / pixel_size  # (N, M, 2) as (x', y') px
-    yx = (c[:, None, :] + proj.flip(-1)) * 2  # oversampled (y, x)
     f = rfft_frequencies(canvas_shape, 1.0, device=device)  # cycles per canvas pixel
     bilinear = (torch.sinc(f[..., 0] / 2) * torch.sinc(f[..., 1] / 2)) ** 2
     k2 = (f**2).sum(-1) / pixel_size**2
-    channel = torch.as_tensor(model.channel, device=device)
-    weight = torch.as_tensor(model.weight, dtype=torch.float32, device=device)
     for i, transfer in enumerate(model.transfers):
-        sel = channel == i
-        if not torch.any(sel):
+        sel = model.channel == i
+        if not np.any(sel):
             continue
-        w = weight[sel].expand(len(centers), -1).reshape(-1)
-        grid = _splat(yx[:, sel].reshape(-1, 2), w, os_shape)
+        pts = torch.as_tensor(model.positions[sel], dtype=torch.float32, device=device)
+        w = torch.as_tensor(model.weight[sel], dtype=torch.float32, device=device)
+        grid = torch.zeros(os_shape, dtype=torch.float32, device=device)
+        chunk = max(1, int(4e6 // len(pts)))
+        for start in range(0, len(centers), chunk):
+            proj = torch.einsum("nij,mj->nmi", rot[start:start + chunk], pts) / pixel_size  # (n, M, 2) (x', y') px
+            yx = (c[start:start + chunk, None, :] + proj.flip(-1)) * 2  # oversampled (y, x)
+            _splat(yx.reshape(-1, 2), w.repeat(len(proj)), grid)
         spec = fourier_resize_rfft(torch.fft.rfft2(grid), os_shape, canvas_shape)
         out += spec * (_radial_table(transfer, k2) / (bilinear * pixel_size**2))
     return out
@@ -806,7 +824,7 @@ def _ctf_contrast(phase_hat: torch.Tensor, ctf: CTFParams, gradient, shape, offs
     df = torch.as_tensor(_defocus_plane(ctf.defocus, gradient, shape, ctf.pixel_size, yx.cpu().numpy()),
                          device=dev)
     lo, hi = float(df.min()), float(df.max())
-    step = ctf.pixel_size**2 / (math.pi * electron_wavelength(ctf.voltage))  # Δχ(Nyquist) = π λ Δz / (4 px²) ≤ 1/4
+    step = ctf.pixel_size**2 / (math.pi * electron_wavelength(ctf.voltage))  # Δχ(Nyquist) = πλΔz/(4 px²) ≤ 1/4
     n_levels = int(min(64, max(2, math.ceil((hi - lo) / step) + 1)))
     levels = torch.linspace(lo, hi, n_levels, dtype=torch.float64, device=dev)
     spacing = max((hi - lo) / (n_levels - 1), 1e-9)
@@ -882,10 +900,6 @@ def detector_mtf(name_or_samples, voltage: float = 300.0) -> tuple[np.ndarray | 
     return arr, "samples"
 
 
-def _resolve_mtf(mtf, voltage):
-    return detector_mtf(mtf, voltage)
-
-
 def _apply_mtf(image: torch.Tensor, mtf: np.ndarray | None) -> torch.Tensor:
     """Filter ``(Y, X)`` by a radial MTF given as samples (cycles/pixel, value); held constant past the last."""
     if mtf is None:
@@ -948,7 +962,7 @@ def _inverse_field(global_px, local_px, times, shape, tol: float = 1e-4, max_ite
 
 def _spline_matrix(nodes: torch.Tensor, size: int) -> torch.Tensor:
     """``(size, n)`` matrix: natural cubic-spline interpolation (``core.grid``'s; far more accurate than torch's
-    a = −0.75 bicubic) from values at evenly spaced ``nodes`` ``(n,)`` to the integer positions ``0 .. size − 1``."""
+    a = −0.75 bicubic) from values at evenly spaced ``nodes`` ``(n,)`` to the integer positions 0 .. size − 1."""
     u = (torch.arange(size, dtype=torch.float64, device=nodes.device) - nodes[0]) / (nodes[-1] - nodes[0])
     eye = torch.eye(len(nodes), dtype=torch.float64, device=nodes.device)
     return evaluate_cubic_grid(eye, u[:, None]).T
