@@ -508,3 +508,18 @@ def test_semi_synthetic_from_the_real_micrograph(data_dir):
     truth = m.truth.shifts(np.stack([yy.ravel(), xx.ravel()], 1), frames=[-1])[0].mean(0)
     assert np.linalg.norm(truth) > 3.0
     assert np.abs(measured - truth).max() < 0.15
+
+
+def test_cancel_from_progress_stops_simulation():
+    from napari_warp.core.errors import Cancelled
+
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if done > 1:  # the first report after setup
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        sim.simulate_movie(sim.MovieSimulation(shape=(128, 128), n_frames=8), progress=progress)
+    assert len(calls) == 2  # nothing ran on after the cancelling report

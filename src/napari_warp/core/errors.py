@@ -35,3 +35,12 @@ class GainReferenceError(UnreadableFileError):
 
 class MetadataError(UnreadableFileError):
     """A metadata file (XML, STAR, mdoc, ...) that cannot be parsed."""
+
+
+class Cancelled(NapariWarpError):
+    """Long work stopped on request.
+
+    Cancellation has one mechanism: every long core function takes a ``progress(done, total)`` callback and lets
+    this exception, raised from that callback, propagate. A widget's or CLI's callback raises it when its cancel
+    flag is set; nothing half-done is written because outputs are written atomically at the end.
+    """
