@@ -30,3 +30,23 @@ def test_movie_renders_in_viewer(make_napari_viewer, tmp_path):
     assert gray.std() > 10, "canvas is blank"
     # the stripes of frame 2 are visible: many distinct grey levels across the image
     assert len(np.unique(gray.round())) > 50
+
+
+def test_docks_open_from_plugin_menu(make_napari_viewer):
+    """Every widget in the manifest can be docked by napari itself (viewer injected from the annotation)."""
+    from npe2 import PluginManager
+
+    viewer = make_napari_viewer(show=True)
+    manifest = PluginManager.instance().get_manifest("napari-warp")
+    for contribution in manifest.contributions.widgets:
+        dock, widget = viewer.window.add_plugin_dock_widget("napari-warp", contribution.display_name)
+        assert widget is not None and dock.widget() is not None
+
+
+def test_sample_data_opens(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    layers = viewer.open_sample("napari-warp", "simulated_movie")
+    names = [layer.name for layer in layers]
+    assert any("movie" in n for n in names) and any("particles" in n for n in names)
+    movie = next(layer for layer in layers if "movie" in layer.name)
+    assert movie.data.ndim == 3 and tuple(movie.scale[-2:]) == pytest.approx((1.0, 1.0))

@@ -6,20 +6,20 @@ from ._layers import image_layer, points_layer, tracks_layer
 
 
 def simulated_movie(size: int = 512, frames: int = 16, seed: int = 0) -> list:
-    """A gain-corrected simulated movie (frame, y, x) in Å, its plain average, and the true particle positions
-    and motion tracks (exaggerated ×20) as layers."""
-    from .core.demo import demo_simulation, track_positions
+    """A gain-corrected simulated movie (frame, y, x) in Å, its plain average binned for display, and the true
+    particle positions and motion tracks (exaggerated ×20) as layers."""
+    from .core.demo import binned_for_display, demo_simulation, track_positions
     from .core.simulate import simulate_movie
 
     settings = demo_simulation(size=size, frames=frames, seed=seed)
     sim = simulate_movie(settings)
     ps = settings.pixel_size
     movie = sim.frames * sim.gain if sim.gain is not None else sim.frames
-    average = movie.mean(axis=0)
+    average, average_ps = binned_for_display(movie.mean(axis=0), ps)
     positions = track_positions(movie.shape[1:])
     return [
-        image_layer(movie, ps, "simulated movie (counts, gain-corrected)", preview=movie[0], visible=False),
-        image_layer(average, ps, "simulated average (uncorrected)"),
-        points_layer(sim.truth.particles, ps, "truth: particles", diameter=sim.truth.particle_diameter),
-        tracks_layer(positions, sim.truth.shifts(positions), ps, "truth: motion ×20", exaggerate=20.0),
+        image_layer(movie, ps, "movie (gain-corrected)", preview=movie[0], visible=False),
+        image_layer(average, average_ps, f"average, {average_ps:.3g} Å/px"),
+        points_layer(sim.truth.particles, ps, "true particles", diameter=sim.truth.particle_diameter),
+        tracks_layer(positions, sim.truth.shifts(positions), ps, "true motion ×20", exaggerate=20.0),
     ]

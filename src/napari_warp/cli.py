@@ -85,7 +85,8 @@ def demo_viewer(out: Path, viewer=None, display_pixel_size: float = 4.0):
 
     from ._layers import image_layer, points_layer, tracks_layer
     from ._reader import read_image
-    from .core.io.movie import open_movie, read_volume
+    from .core.demo import binned_for_display
+    from .core.io.movie import read_volume
     from .core.io.star import read_coordinates
 
     viewer = viewer or napari.Viewer(title="napari-warp demo")
@@ -94,17 +95,15 @@ def demo_viewer(out: Path, viewer=None, display_pixel_size: float = 4.0):
     for data, meta, _ in read_image(out / "movie.mrcs"):
         meta.update(name="movie (raw counts)", visible=False)
         viewer.add_image(data, **meta)
-    binning = max(1.0, display_pixel_size / ps)
-    average = open_movie(out / "average.mrc", binning=binning)
-    avg = average.frames(0)[0]
-    viewer.add_image(**_kw(image_layer(avg, average.pixel_size, f"average, {average.pixel_size:.3g} Å/px")))
+    avg, avg_ps = binned_for_display(read_volume(out / "average.mrc")[0][0], ps, display_pixel_size)
+    viewer.add_image(**_kw(image_layer(avg, avg_ps, f"average, {avg_ps:.3g} Å/px")))
     picks = read_coordinates(out / "truth_particles.star")
     viewer.add_points(**_kw(points_layer(picks.yx, ps, "true particles", diameter=summary["particle_diameter_A"])))
     tracks = np.load(out / "truth_tracks.npz")
     viewer.add_shapes(**_kw(tracks_layer(tracks["positions"], tracks["shifts"], ps, "true motion ×20", 20.0)))
     spec, _ = read_volume(out / "spectrum.mrc")
     # Placed beside the micrograph at the same displayed size; its axes are spatial frequency, not Å.
-    extent = avg.shape[-1] * average.pixel_size
+    extent = avg.shape[-1] * avg_ps
     data, meta, _ = image_layer(spec[0], extent / spec.shape[-1], "spectrum | true CTF²")
     meta["translate"] = (0.0, extent * 1.05)
     viewer.add_image(data, **meta)

@@ -1,15 +1,11 @@
 """Open a movie with the acquisition settings a reader cannot guess: gain reference, defects, EER grouping."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: napari injects the viewer by matching the annotation string
+# "napari.viewer.Viewer" exactly, and postponed evaluation would quote it twice.
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
 from napari.qt.threading import thread_worker
-
-if TYPE_CHECKING:
-    import napari
 
 
 def describe(movie) -> str:

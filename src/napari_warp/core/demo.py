@@ -13,7 +13,7 @@ import torch
 
 from .ctf import CTFParams, ctf_2d
 from .device import get_device, to_numpy
-from .fourier import tile_power_spectrum
+from .fourier import fourier_rescale, tile_power_spectrum
 from .io.movie import Movie, write_mrc
 from .simulate import MovieSimulation
 
@@ -45,6 +45,15 @@ def track_positions(shape: tuple[int, int], n: int = 5) -> np.ndarray:
     """``(n*n, 2)`` pixel (y, x) positions on a regular grid inside ``shape``, where motion tracks are drawn."""
     grid = np.meshgrid(*(np.linspace(0.1, 0.9, n) * (s - 1) for s in shape), indexing="ij")
     return np.stack(grid, -1).reshape(-1, 2)
+
+
+def binned_for_display(image: np.ndarray, pixel_size: float, target: float = 4.0) -> tuple[np.ndarray, float]:
+    """Fourier-bin a micrograph to about ``target`` Å/px for display, as Warp shows micrographs (at ~1 Å/px
+    a micrograph is shot noise to the eye). Returns ``(image, pixel_size)``; unchanged if already coarser."""
+    if pixel_size >= target:
+        return image, pixel_size
+    binned, ps = fourier_rescale(torch.as_tensor(image, dtype=torch.float32), pixel_size, target)
+    return to_numpy(binned), ps
 
 
 def movie_average_and_spectrum(
