@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
+from napari_warp.core.device import to_numpy
 from napari_warp.core.errors import UnreadableMovieError
+from napari_warp.core.fourier import fourier_crop
 from napari_warp.core.io.eer import EER_EXTENSIONS, EerSource, group_for_dose
 from napari_warp.core.io.em import EM_EXTENSIONS, open_em
 from napari_warp.core.io.gain import Correction, prepare_correction
@@ -30,7 +33,7 @@ from napari_warp.core.io.raw import RawLayout, open_raw
 from napari_warp.core.io.tiff import TIFF_EXTENSIONS, TiffSource, imagej_slices, read_tiff_image_stack
 
 __all__ = [
-    "Movie", "RawLayout", "open_movie", "read_volume", "is_volume", "write_mrc", "fourier_crop", "binned_shape",
+    "Movie", "RawLayout", "open_movie", "read_volume", "is_volume", "write_mrc", "binned_shape",
 ]  # fmt: skip
 
 
@@ -66,33 +69,6 @@ def binned_shape(shape: tuple[int, int], binning: float) -> tuple[int, int]:
     if binning == 1:
         return tuple(shape)
     return tuple(max(2, int(round(s / binning)) // 2 * 2) for s in shape)
-
-
-def fourier_crop(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Band-limit and resample (..., y, x) to (..., *shape) by cropping its rFFT; the mean is preserved.
-
-    Parameters
-    ----------
-    image
-        Real array (..., y, x).
-    shape
-        Target (y, x), each no larger than the input's.
-
-    Returns
-    -------
-    float32 array (..., shape[0], shape[1]).
-    """
-    import torch
-
-    ny, nx = shape
-    y, x = image.shape[-2:]
-    if ny > y or nx > x:
-        raise ValueError(f"fourier_crop cannot enlarge {(y, x)} to {shape}")
-    f = torch.fft.rfft2(torch.as_tensor(np.asarray(image, np.float32)))
-    pos, neg = (ny + 1) // 2, ny // 2  # rows: DC and positive frequencies, then negative ones (incl. Nyquist)
-    f = torch.cat([f[..., :pos, :], f[..., y - neg :, :]], dim=-2)[..., : nx // 2 + 1]
-    out = torch.fft.irfft2(f, s=(ny, nx)) * (ny * nx / (y * x))  # irfft normalises by the new size
-    return out.numpy().astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,7 +144,7 @@ class Movie:
             else:  # binning: correct at full size, then crop the spectrum
                 full = np.empty(raw.shape, np.float32)
                 self._correction.apply(raw, full)
-                out[...] = fourier_crop(full, out.shape)
+                out[...] = to_numpy(fourier_crop(torch.from_numpy(full), out.shape))
         except (UnreadableMovieError, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001 -- decoder errors of every kind become one, naming the file
