@@ -118,6 +118,22 @@ def points_layer(
     return (yx, meta, "points")
 
 
+def track_positions(shape: tuple[int, int], n: int | tuple[int, int] = 5) -> np.ndarray:
+    """``(ny*nx, 2)`` pixel (y, x) positions on a regular ``n`` (or ``(nx, ny)``) lattice over 10–90 % of ``shape``,
+    where motion tracks are drawn."""
+    nx, ny = (n, n) if isinstance(n, int) else n
+    ys = np.linspace(0.1, 0.9, ny) * (shape[0] - 1)
+    xs = np.linspace(0.1, 0.9, nx) * (shape[1] - 1)
+    return np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+
+
+def motion_tracks_layer(model, name: str, exaggerate: float = 20.0) -> LayerData:
+    """A fitted motion model's tracks (global + local) on a lattice matching its local grid, as Warp draws them."""
+    local = getattr(model, "local_grid_dims", None) or (5, 5)
+    positions = track_positions(tuple(model.shape), local)
+    return tracks_layer(positions, model.shifts(positions), model.pixel_size, name, exaggerate)
+
+
 def tracks_layer(
     positions: np.ndarray, shifts: np.ndarray, pixel_size: float | None, name: str, exaggerate: float = 1.0
 ) -> LayerData:

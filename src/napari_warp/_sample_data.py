@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from ._layers import image_layer, points_layer, tracks_layer
+from ._layers import image_layer, points_layer, track_positions, tracks_layer
 
 
 def simulated_movie(size: int = 512, frames: int = 16, seed: int = 0) -> list:
     """A gain-corrected simulated movie (frame, y, x) in Å, its plain average binned for display, and the true
     particle positions and motion tracks (exaggerated ×20) as layers."""
-    from .core.demo import binned_for_display, demo_simulation, track_positions
+    from .core.demo import binned_for_display, demo_simulation
     from .core.simulate import simulate_movie
 
     settings = demo_simulation(size=size, frames=frames, seed=seed)

@@ -31,7 +31,8 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
     """
     import numpy as np
 
-    from .core.demo import demo_simulation, inspect_movie, track_positions
+    from ._layers import track_positions
+    from .core.demo import demo_simulation, inspect_movie
     from .core.io.movie import open_movie, write_mrc
     from .core.io.star import write_coordinates
     from .core.simulate import simulate_movie
@@ -117,6 +118,70 @@ def _kw(layer_data) -> dict:
     return {"data": data, **meta}
 
 
+def _add_movie_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("movie reading")
+    g.add_argument("--angpix", type=float, help="pixel size in Å (default: from the header)")
+    g.add_argument("--gain", type=Path, help="gain reference (MRC/TIFF)")
+    g.add_argument("--gain-flip-x", action="store_true")
+    g.add_argument("--gain-flip-y", action="store_true")
+    g.add_argument("--gain-transpose", action="store_true")
+    g.add_argument("--defects", type=Path, help="defect map (image, or text lines 'x y w h')")
+    g.add_argument("--eer-group", type=int, help="EER: raw frames per fraction")
+    g.add_argument("--eer-upsampling", type=int, default=1, choices=[1, 2, 4])
+    g.add_argument("--binning", type=float, default=1.0, help="Fourier-crop binning on load")
+
+
+def _open(path: Path, args):
+    from .core.io.movie import open_movie
+
+    return open_movie(
+        path,
+        gain=args.gain,
+        defects=args.defects,
+        gain_flip_x=args.gain_flip_x,
+        gain_flip_y=args.gain_flip_y,
+        gain_transpose=args.gain_transpose,
+        binning=args.binning,
+        eer_group=args.eer_group,
+        eer_upsampling=args.eer_upsampling,
+        pixel_size=args.angpix,
+    )
+
+
+def run_motion(args) -> int:
+    """``napari-warp motion``: per movie, fit motion and write averages, halves, XML and RELION STAR files."""
+    from .core.errors import NapariWarpError
+    from .core.export import write_corrected_micrographs_star
+    from .core.item import item_paths, run_motion_step
+    from .core.motion import MotionSettings
+
+    rows, failed = [], 0
+    for i, path in enumerate(args.movies, 1):
+        try:
+            movie = _open(path, args)
+            if movie.pixel_size is None:
+                raise NapariWarpError(f"{path}: no pixel size in the header; give --angpix")
+            overrides = {k: v for k, v in {"patch_size": args.patch, "bfactor": args.bfactor,
+                                           "local_grid": args.local_grid, "skip_first": args.skip_first,
+                                           "skip_last": args.skip_last}.items() if v is not None}
+            settings = MotionSettings(pixel_size=movie.pixel_size, exposure_per_frame=args.exposure, **overrides)
+            result = run_motion_step(movie, settings, args.out, device=args.device,
+                                     progress=_progress(f"[{i}/{len(args.movies)}] {path.name}"[:24]))
+        except NapariWarpError as exc:
+            failed += 1
+            print(f"napari-warp: {exc}", file=sys.stderr)
+            continue
+        print(f"{path.name}: mean movement in the first third {result['mean_frame_movement_A']:.2f} Å, "
+              f"max local deviation {result['max_local_deviation_A']:.2f} Å, {result['seconds']:.1f} s "
+              f"-> {result['average']}")
+        rows.append({"micrograph": item_paths(args.out, path).average, "motion_star": result["motion_star"],
+                     "model": result["model"], "voltage": movie.voltage or 300.0,
+                     "pixel_size": movie.pixel_size})
+    if rows:
+        write_corrected_micrographs_star(Path(args.out) / "corrected_micrographs.star", rows)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="napari-warp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,7 +191,23 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--size", type=int, default=1024, help="frame size in pixels (square)")
     demo.add_argument("--frames", type=int, default=16, help="number of frames")
     demo.add_argument("--seed", type=int, default=0)
+
+    motion = sub.add_parser("motion", help="motion-correct movies: dose-weighted averages, halves, XML, RELION STAR")
+    motion.add_argument("movies", type=Path, nargs="+", help="movie files (MRC/MRCS, TIFF, EER, EM)")
+    motion.add_argument("--exposure", type=float, required=True, help="dose per frame in e/Å²")
+    motion.add_argument("--out", type=Path, required=True, help="processing folder")
+    motion.add_argument("--patch", type=int, help="patch size in pixels (default 512)")
+    motion.add_argument("--bfactor", type=float, help="B-factor for the fit in Å² (default -500)")
+    motion.add_argument("--local-grid", type=lambda s: tuple(int(v) for v in s.lower().split("x")),
+                        help="local motion grid, e.g. 5x5 (default: scaled to the field of view)")
+    motion.add_argument("--skip-first", type=int, help="frames to leave out at the start")
+    motion.add_argument("--skip-last", type=int, help="frames to leave out at the end")
+    motion.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: CUDA when present)")
+    _add_movie_options(motion)
     args = parser.parse_args(argv)
+
+    if args.command == "motion":
+        return run_motion(args)
 
     if args.command == "demo":
         from .core.errors import NapariWarpError

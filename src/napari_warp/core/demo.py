@@ -41,12 +41,6 @@ def demo_simulation(size: int = 1024, frames: int = 16, seed: int = 0) -> MovieS
     )
 
 
-def track_positions(shape: tuple[int, int], n: int = 5) -> np.ndarray:
-    """``(n*n, 2)`` pixel (y, x) positions on a regular grid inside ``shape``, where motion tracks are drawn."""
-    grid = np.meshgrid(*(np.linspace(0.1, 0.9, n) * (s - 1) for s in shape), indexing="ij")
-    return np.stack(grid, -1).reshape(-1, 2)
-
-
 def binned_for_display(image: np.ndarray, pixel_size: float, target: float = 4.0) -> tuple[np.ndarray, float]:
     """Fourier-bin a micrograph to about ``target`` Å/px for display, as Warp shows micrographs (at ~1 Å/px
     a micrograph is shot noise to the eye). Returns ``(image, pixel_size)``; unchanged if already coarser."""

@@ -1,0 +1,170 @@
+"""Motion-correction dock: fit Warp's global + local motion model for a movie and show the average and tracks."""
+
+# No `from __future__ import annotations`: napari injects the viewer by the exact annotation string.
+from pathlib import Path
+
+from magicgui.widgets import (
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+from napari.qt.threading import thread_worker
+from qtpy.QtCore import QTimer
+
+
+def parse_grid(text: str) -> tuple[int, int] | None:
+    """'5x5' -> (5, 5); '' or 'auto' -> None (scaled to the field of view)."""
+    text = text.strip().lower()
+    if text in ("", "auto"):
+        return None
+    try:
+        x, y = (int(v) for v in text.replace("×", "x").split("x"))
+    except ValueError:
+        raise ValueError(f"local grid {text!r}: expected e.g. 5x5 or auto") from None
+    return (x, y)
+
+
+class MotionWidget(Container):
+    """Dock: motion-correct the chosen movie; results appear as an average (Å) and exaggerated motion tracks."""
+
+    def __init__(self, viewer: "napari.viewer.Viewer"):  # noqa: F821
+        self._viewer = viewer
+        self._worker = None
+        self._cancel = False
+        self._state = (0, 1)
+        self.movie = FileEdit(label="Movie", filter="*.mrc *.mrcs *.tif *.tiff *.eer *.em")
+        self.pixel_size = FloatSpinBox(label="Pixel size (Å)", value=1.0, min=0.01, max=100.0, step=0.001)
+        self.exposure = FloatSpinBox(label="Dose per frame (e/Å²)", value=1.0, min=0.001, max=100.0, step=0.01)
+        self.patch = SpinBox(label="Patch size (px)", value=512, min=64, max=2048, step=64)
+        self.local_grid = LineEdit(label="Local grid (x×y)", value="auto")
+        self.bfactor = FloatSpinBox(label="Fit B-factor (Å²)", value=-500.0, min=-5000.0, max=0.0, step=50.0)
+        self.exaggerate = SpinBox(label="Track exaggeration (×)", value=20, min=1, max=200)
+        self.out = FileEdit(label="Save to folder", mode="d", nullable=True)
+        self.run_button = PushButton(text="Correct motion")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="Progress", value=0, min=0, max=1000, visible=False)
+        self.status = Label(value="Select a movie layer or file.")
+        super().__init__(
+            widgets=[
+                self.movie, self.pixel_size, self.exposure, self.patch, self.local_grid, self.bfactor,
+                self.exaggerate, self.out, self.run_button, self.cancel_button, self.progress, self.status,
+            ]
+        )
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self._timer = QTimer()
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self._show_progress)
+        viewer.layers.selection.events.active.connect(self._from_layer)
+        self._from_layer()
+
+    def _from_layer(self, *_):
+        """Fill the form from the active layer when it is a movie opened by napari-warp."""
+        layer = self._viewer.layers.selection.active
+        meta = getattr(layer, "metadata", {}) or {}
+        if not meta.get("path"):
+            return
+        self.movie.value = meta["path"]
+        if meta.get("pixel_size"):
+            self.pixel_size.value = float(meta["pixel_size"])
+        frames = layer.data.shape[0] if layer.ndim == 3 else 1
+        if meta.get("exposure") and frames:
+            self.exposure.value = float(meta["exposure"]) / frames
+
+    def settings(self):
+        from ..core.motion import MotionSettings
+
+        return MotionSettings(
+            pixel_size=self.pixel_size.value,
+            exposure_per_frame=self.exposure.value,
+            patch_size=self.patch.value,
+            bfactor=self.bfactor.value,
+            local_grid=parse_grid(self.local_grid.value),
+        )
+
+    def _report(self, done: int, total: int) -> None:
+        """Core progress callback (worker thread): record progress, stop when cancelled."""
+        from ..core.errors import Cancelled
+
+        self._state = (done, max(total, 1))
+        if self._cancel:
+            raise Cancelled("motion correction cancelled")
+
+    def _show_progress(self):
+        done, total = self._state
+        self.progress.value = int(1000 * done / total)
+
+    def run(self, *_):
+        from ..core.io.movie import open_movie
+
+        try:
+            settings = self.settings()
+        except ValueError as exc:
+            self.status.value = str(exc)
+            return None
+        path = Path(self.movie.value)
+        out = self.out.value
+        self._cancel = False
+        self._state = (0, 1)
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.visible = True
+        self.status.value = f"Correcting {path.name} …"
+        self._timer.start()
+
+        @thread_worker
+        def work():
+            from ..core.motion import aligned_average, fit_motion, motion_metrics
+
+            movie = open_movie(path, pixel_size=settings.pixel_size)
+            if out:
+                from ..core.item import run_motion_step
+
+                result = run_motion_step(movie, settings, out, progress=self._report)
+                model = result["model"]
+                from ..core.io.movie import read_volume
+
+                average = read_volume(result["average"])[0][0]
+                return movie, model, average, result
+            model = fit_motion(movie, settings, progress=lambda d, t: self._report(d, 2 * t))
+            avg = aligned_average(movie, model, settings, halves=False,
+                                  progress=lambda d, t: self._report(t + d, 2 * t))
+            return movie, model, avg.average, motion_metrics(model)
+
+        def done(result):
+            movie, model, average, metrics = result
+            self._add_layers(movie, model, average)
+            self.status.value = (
+                f"{path.name}: first-third movement {metrics['mean_frame_movement_A']:.2f} Å · "
+                f"max local deviation {metrics['max_local_deviation_A']:.2f} Å"
+            )
+
+        def failed(exc):
+            self.status.value = f"Stopped: {exc}"
+
+        def finished():
+            self._timer.stop()
+            self._show_progress()
+            self.run_button.enabled = True
+            self.cancel_button.enabled = False
+
+        self._worker = work(_connect={"returned": done, "errored": failed, "finished": finished})
+        return self._worker
+
+    def cancel(self, *_):
+        self._cancel = True
+        self.status.value = "Cancelling …"
+
+    def _add_layers(self, movie, model, average):
+        from .._layers import image_layer, motion_tracks_layer
+
+        name = Path(movie.path).stem
+        data, meta, _ = image_layer(average, model.pixel_size, f"{name} aligned average")
+        self._viewer.add_image(data, **meta)
+        data, meta, _ = motion_tracks_layer(model, f"{name} motion ×{self.exaggerate.value}", self.exaggerate.value)
+        self._viewer.add_shapes(data, **meta)

@@ -1,0 +1,145 @@
+"""One item (movie) in a processing folder: Warp's file layout, and the processing steps that write into it.
+
+Layout (as Warp writes it, so Warp users find their files)::
+
+    <folder>/<name>.xml                 item metadata: settings used + results per step (Warp XML)
+    <folder>/average/<name>.mrc          aligned, dose-weighted average
+    <folder>/average/odd/<name>.mrc      odd-frame half average   (even: average/even/)
+    <folder>/motion/<name>.star          RELION 3.1 motion STAR (for Bayesian polishing)
+
+Every file is written atomically; the XML is written last, so an item whose XML names a result has that result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .io.movie import Movie
+from .io.mrc_write import write_mrc
+from .io.warp_xml import WarpMetadata, format_value, read_warp_xml
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ItemPaths:
+    """Where an item's files live in a processing folder."""
+
+    folder: Path
+    name: str
+
+    @property
+    def xml(self) -> Path:
+        return self.folder / f"{self.name}.xml"
+
+    @property
+    def average(self) -> Path:
+        return self.folder / "average" / f"{self.name}.mrc"
+
+    @property
+    def odd(self) -> Path:
+        return self.folder / "average" / "odd" / f"{self.name}.mrc"
+
+    @property
+    def even(self) -> Path:
+        return self.folder / "average" / "even" / f"{self.name}.mrc"
+
+    @property
+    def motion_star(self) -> Path:
+        return self.folder / "motion" / f"{self.name}.star"
+
+    @property
+    def aligned_stack(self) -> Path:
+        return self.folder / "aligned" / f"{self.name}.mrcs"
+
+
+def item_paths(folder: str | Path, movie_path: str | Path) -> ItemPaths:
+    """The paths of the item for ``movie_path`` in ``folder`` (named after the movie file's stem, as Warp does)."""
+    return ItemPaths(Path(folder), Path(movie_path).stem)
+
+
+def load_metadata(paths: ItemPaths, movie_path: str | Path) -> WarpMetadata:
+    """The item's XML if it exists (so other steps' results survive), else a new ``<Movie>``."""
+    if paths.xml.exists():
+        return read_warp_xml(paths.xml, kinds=("Movie",))
+    return WarpMetadata.new("Movie", {"DataDirectory": str(Path(movie_path).parent.resolve())})
+
+
+def settings_params(settings) -> dict[str, str]:
+    """A frozen settings dataclass as Warp-style ``<Param Name= Value=>`` strings (the record of what was used)."""
+    out = {}
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if isinstance(value, (tuple, list)):
+            out[field.name] = ",".join(format_value(v) for v in value)
+        elif value is None:
+            out[field.name] = "null"
+        else:
+            out[field.name] = format_value(value)
+    return out
+
+
+def run_motion_step(
+    movie: Movie,
+    settings,
+    folder: str | Path,
+    *,
+    stack: bool = False,
+    device=None,
+    progress: Progress | None = None,
+) -> dict:
+    """Fit motion for ``movie``, write the dose-weighted average, odd/even halves, RELION motion STAR and the
+    item XML (settings in ``<OptionsMovement>``, grids and metrics on ``<Movie>``). Returns the metrics + paths.
+
+    ``progress(done, total)`` covers the fit and the averaging; raising ``Cancelled`` from it stops the step
+    before anything is written.
+    """
+    from .export import write_motion_star
+    from .motion import aligned_average, fit_motion, motion_metrics, motion_to_xml
+
+    paths = item_paths(folder, movie.path)
+    t0 = time.perf_counter()
+    fit_progress = (lambda d, t: progress(d, 2 * t)) if progress else None
+    model = fit_motion(movie, settings, device=device, progress=fit_progress)
+    avg_progress = (lambda d, t: progress(t + d, 2 * t)) if progress else None
+    result = aligned_average(movie, model, settings, device=device, progress=avg_progress, halves=True, stack=stack)
+    t_compute = time.perf_counter() - t0
+
+    ps = model.pixel_size
+    write_mrc(paths.average, np.asarray(result.average, np.float32), pixel_size=ps, voltage=movie.voltage)
+    write_mrc(paths.odd, np.asarray(result.odd, np.float32), pixel_size=ps, voltage=movie.voltage)
+    write_mrc(paths.even, np.asarray(result.even, np.float32), pixel_size=ps, voltage=movie.voltage)
+    if stack and result.stack is not None:
+        write_mrc(paths.aligned_stack, np.asarray(result.stack, np.float32), pixel_size=ps, voltage=movie.voltage)
+    write_motion_star(
+        paths.motion_star,
+        model,
+        movie.path,
+        original_pixel_size=ps,
+        dose_per_frame=settings.exposure_per_frame,
+        pre_exposure=settings.pre_exposure,
+        voltage=movie.voltage or 300.0,
+    )
+
+    metrics = motion_metrics(model)
+    meta = load_metadata(paths, movie.path)
+    meta.set_params("OptionsMovement", settings_params(settings))
+    motion_to_xml(meta, model)
+    meta.set_attr("MeanFrameMovement", format_value(float(metrics["mean_frame_movement_A"])))
+    meta.set_attr("MotionProcessedAt", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    meta.write(paths.xml)  # last: an XML that names results means the results exist
+    return {
+        **metrics,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "compute_seconds": round(t_compute, 2),
+        "average": str(paths.average),
+        "xml": str(paths.xml),
+        "motion_star": str(paths.motion_star),
+        "model": model,
+    }
