@@ -129,8 +129,8 @@ def track_positions(shape: tuple[int, int], n: int | tuple[int, int] = 5) -> np.
 
 def motion_tracks_layer(model, name: str, exaggerate: float = 20.0) -> LayerData:
     """A fitted motion model's tracks (global + local) on a lattice matching its local grid, as Warp draws them."""
-    local = getattr(model, "local_grid_dims", None) or (5, 5)
-    positions = track_positions(tuple(model.shape), local)
+    gy, gx = model.local_grids[0].dims[-2:]
+    positions = track_positions(tuple(model.shape), (5, 5) if gx * gy == 1 else (gx, gy))  # global only: 5×5
     return tracks_layer(positions, model.shifts(positions), model.pixel_size, name, exaggerate)
 
 

@@ -151,7 +151,7 @@ def _open(path: Path, args):
 def run_motion(args) -> int:
     """``napari-warp motion``: per movie, fit motion and write averages, halves, XML and RELION STAR files."""
     from .core.errors import NapariWarpError
-    from .core.export import write_corrected_micrographs_star
+    from .core.export import CorrectedMicrograph, write_corrected_micrographs_star
     from .core.item import item_paths, run_motion_step
     from .core.motion import MotionSettings
 
@@ -165,7 +165,7 @@ def run_motion(args) -> int:
                                            "local_grid": args.local_grid, "skip_first": args.skip_first,
                                            "skip_last": args.skip_last}.items() if v is not None}
             settings = MotionSettings(pixel_size=movie.pixel_size, exposure_per_frame=args.exposure, **overrides)
-            result = run_motion_step(movie, settings, args.out, device=args.device,
+            result = run_motion_step(movie, settings, args.out, gain_path=args.gain, device=args.device,
                                      progress=_progress(f"[{i}/{len(args.movies)}] {path.name}"[:24]))
         except NapariWarpError as exc:
             failed += 1
@@ -174,11 +174,13 @@ def run_motion(args) -> int:
         print(f"{path.name}: mean movement in the first third {result['mean_frame_movement_A']:.2f} Å, "
               f"max local deviation {result['max_local_deviation_A']:.2f} Å, {result['seconds']:.1f} s "
               f"-> {result['average']}")
-        rows.append({"micrograph": item_paths(args.out, path).average, "motion_star": result["motion_star"],
-                     "model": result["model"], "voltage": movie.voltage or 300.0,
-                     "pixel_size": movie.pixel_size})
+        paths = item_paths(args.out, path)
+        rows.append(CorrectedMicrograph(
+            micrograph=paths.average.resolve(), metadata=paths.motion_star.resolve(), pixel_size=movie.pixel_size,
+            original_pixel_size=movie.pixel_size / movie.binning, voltage=movie.voltage or 300.0,
+        ))
     if rows:
-        write_corrected_micrographs_star(Path(args.out) / "corrected_micrographs.star", rows)
+        write_corrected_micrographs_star(args.out / "corrected_micrographs.star", rows, project_dir=args.out)
     return 1 if failed else 0
 
 

@@ -91,6 +91,7 @@ def run_motion_step(
     folder: str | Path,
     *,
     stack: bool = False,
+    gain_path: str | Path | None = None,
     device=None,
     progress: Progress | None = None,
 ) -> dict:
@@ -117,14 +118,18 @@ def run_motion_step(
     write_mrc(paths.even, np.asarray(result.even, np.float32), pixel_size=ps, voltage=movie.voltage)
     if stack and result.stack is not None:
         write_mrc(paths.aligned_stack, np.asarray(result.stack, np.float32), pixel_size=ps, voltage=movie.voltage)
-    write_motion_star(
+    relion = write_motion_star(
         paths.motion_star,
         model,
-        movie.path,
-        original_pixel_size=ps,
+        Path(movie.path).resolve(),
+        gain_path=Path(gain_path).resolve() if gain_path else None,
+        binning=movie.binning,
+        original_pixel_size=ps / movie.binning,
+        movie_shape=movie.stored_shape,
         dose_per_frame=settings.exposure_per_frame,
         pre_exposure=settings.pre_exposure,
         voltage=movie.voltage or 300.0,
+        project_dir=paths.folder,
     )
 
     metrics = motion_metrics(model)
@@ -136,6 +141,7 @@ def run_motion_step(
     meta.write(paths.xml)  # last: an XML that names results means the results exist
     return {
         **metrics,
+        "relion_polynomial_rms_px": float(relion.fit_rms) if relion.fit_rms is not None else 0.0,
         "seconds": round(time.perf_counter() - t0, 2),
         "compute_seconds": round(t_compute, 2),
         "average": str(paths.average),

@@ -108,6 +108,16 @@ class Movie:
     def ndim(self) -> int:
         return 3
 
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        """(y, x) of the frames as rendered from the file, before binning (the movie's own pixel grid)."""
+        return tuple(self._source.frame_shape) if self._source is not None else tuple(self.shape[1:])
+
+    @property
+    def binning(self) -> float:
+        """Stored over returned frame width: 1 unless binned on load."""
+        return self.stored_shape[1] / self.shape[2]
+
     def __len__(self) -> int:
         return self.shape[0]
 
