@@ -69,3 +69,49 @@ def test_demo_spectrum_shows_true_ctf(tmp_path):
     shown, true = display[:, box // 2 :][resolved], model[:, box // 2 :][resolved]
     assert np.corrcoef(shown, true)[0, 1] > 0.95
     assert 0.0 <= display.min() and display.max() <= 1.0
+
+
+def test_motion_cli_writes_warp_and_relion_files(tmp_path, capsys):
+    """`napari-warp motion` on two simulated movies: averages, halves, XML and STAR files, with the fitted global
+    motion (read back from the RELION motion STAR) matching the simulation's truth."""
+    from napari_warp.core.export import read_relion_motion_star
+    from napari_warp.core.io.movie import write_mrc
+    from napari_warp.core.io.star import read_star
+    from napari_warp.core.io.warp_xml import read_warp_xml
+    from napari_warp.core.simulate import MovieSimulation, simulate_movie
+
+    movies, truths = [], []
+    for seed in (1, 2):
+        # 16 e/px per frame: enough signal that per-frame shifts are measurable to a few tenths of a pixel
+        sim = simulate_movie(MovieSimulation(shape=(384, 384), n_frames=10, pixel_size=2.0, dose_per_frame=4.0,
+                                             drift=24.0, local_amplitude=0.0, seed=seed))
+        path = tmp_path / f"mov{seed}.mrcs"
+        write_mrc(path, sim.frames, pixel_size=sim.pixel_size, voltage=300.0)
+        movies.append(str(path))
+        truths.append(sim.truth)
+    out = tmp_path / "proc"
+    assert main(["motion", *movies, "--exposure", "4", "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "mov1.mrcs" in printed and "Å" in printed
+    for seed, truth in zip((1, 2), truths):
+        name = f"mov{seed}"
+        for rel in [f"{name}.xml", f"average/{name}.mrc", f"average/odd/{name}.mrc", f"average/even/{name}.mrc",
+                    f"motion/{name}.star"]:
+            assert (out / rel).is_file(), rel
+        meta = read_warp_xml(out / f"{name}.xml")
+        assert meta.get_params("OptionsMovement")["exposure_per_frame"] == "4"
+        assert meta.get_grid("GridMovementX").values.shape[0] == 10
+        shifts, general = read_relion_motion_star(out / f"motion/{name}.star")
+        true = truth.shifts([[192.0, 192.0]])[:, 0]
+        err = (shifts - shifts.mean(0)) - (true - true.mean(0))
+        assert np.sqrt((err**2).sum(-1).mean()) < 0.3
+    star = read_star(out / "corrected_micrographs.star")
+    assert len(star["micrographs"]) == 2 and "rlnMicrographMetadata" in star["micrographs"]
+
+
+def test_motion_cli_reports_unreadable_movie(tmp_path, capsys):
+    bad = tmp_path / "bad.mrc"
+    bad.write_bytes(b"\0" * 100)
+    assert main(["motion", str(bad), "--exposure", "1", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "bad.mrc" in err and "Traceback" not in err

@@ -50,3 +50,28 @@ def test_sample_data_opens(make_napari_viewer):
     assert any("movie" in n for n in names) and any("particles" in n for n in names)
     movie = next(layer for layer in layers if "movie" in layer.name)
     assert movie.data.ndim == 3 and tuple(movie.scale[-2:]) == pytest.approx((1.0, 1.0))
+
+
+def test_motion_layers_render(make_napari_viewer, tmp_path):
+    """The motion dock's result: aligned average (Å) and exaggerated tracks, drawn on a real canvas."""
+    from napari_warp._layers import image_layer, motion_tracks_layer
+    from napari_warp.core.motion import MotionSettings, aligned_average, fit_motion
+    from napari_warp.core.simulate import MovieSimulation, simulate_movie
+
+    sim = simulate_movie(MovieSimulation(shape=(256, 256), n_frames=8, drift=10.0))
+    settings = MotionSettings(pixel_size=sim.pixel_size, exposure_per_frame=2.0)
+    model = fit_motion(sim.frames, settings)
+    average = aligned_average(sim.frames, model, settings, halves=False).average
+    viewer = make_napari_viewer(show=True)
+    data, meta, _ = image_layer(average, model.pixel_size, "aligned average")
+    viewer.add_image(data, **meta)
+    paths, meta, _ = motion_tracks_layer(model, "motion ×20", 20.0)
+    tracks = viewer.add_shapes(paths, **meta)
+    viewer.reset_view()
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    cyan = (shot[..., 0] < 80) & (shot[..., 1] > 180) & (shot[..., 2] > 180)
+    assert tracks.nshapes >= 4 and cyan.sum() > 50, "motion tracks not drawn"
+    assert shot[..., :3].std() > 10
+    from PIL import Image
+
+    Image.fromarray(shot).save(tmp_path / "motion.png")

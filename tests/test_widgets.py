@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -54,3 +56,50 @@ def test_movie_widget_reports_gain_mismatch(qtbot, viewer_model, tmp_path):
     qtbot.waitUntil(lambda: "Could not open" in widget.status.value, timeout=5000)
     assert "gain.mrc" in widget.status.value and "transpose" in widget.status.value.lower()
     assert len(viewer_model.layers) == 0
+
+
+def _simulated_movie_file(tmp_path, size=256, frames=8):
+    from napari_warp.core.simulate import MovieSimulation, simulate_movie
+
+    sim = simulate_movie(MovieSimulation(shape=(size, size), n_frames=frames, drift=8.0, local_amplitude=0.0))
+    path = tmp_path / "sim.mrcs"
+    write_mrc(path, sim.frames, pixel_size=sim.pixel_size, voltage=300.0)
+    return path, sim
+
+
+def test_motion_widget_fits_and_adds_layers(qtbot, viewer_model, tmp_path):
+    from napari_warp._reader import read_image
+    from napari_warp._widgets.motion import MotionWidget
+
+    path, sim = _simulated_movie_file(tmp_path)
+    data, meta, _ = read_image(path)[0]
+    viewer_model.add_image(data, **meta)
+    widget = MotionWidget(viewer_model)
+    assert Path(widget.movie.value) == path  # filled in from the selected movie layer
+    assert widget.pixel_size.value == pytest.approx(sim.pixel_size)
+    widget.exposure.value = 2.0
+    widget.out.value = tmp_path / "processing"
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=120000):
+        pass
+    qtbot.waitUntil(lambda: len(viewer_model.layers) == 3, timeout=5000)
+    average, tracks = viewer_model.layers[1], viewer_model.layers[2]
+    assert average.data.shape == (256, 256) and tuple(average.scale) == pytest.approx((1.0, 1.0))
+    assert tracks.nshapes == 25
+    assert (tmp_path / "processing" / "sim.xml").is_file()
+    assert (tmp_path / "processing" / "average" / "odd" / "sim.mrc").is_file()
+    assert "Å" in widget.status.value and widget.run_button.enabled
+
+
+def test_motion_widget_cancel(qtbot, viewer_model, tmp_path):
+    from napari_warp._widgets.motion import MotionWidget
+
+    path, _ = _simulated_movie_file(tmp_path)
+    widget = MotionWidget(viewer_model)
+    widget.movie.value = path
+    worker = widget.run()
+    widget.cancel()  # pressed at once: the fit stops at its next progress report
+    with qtbot.waitSignal(worker.finished, timeout=120000):
+        pass
+    qtbot.waitUntil(lambda: "cancelled" in widget.status.value, timeout=5000)
+    assert len(viewer_model.layers) == 0 and widget.run_button.enabled

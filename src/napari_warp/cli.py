@@ -171,8 +171,8 @@ def run_motion(args) -> int:
             failed += 1
             print(f"napari-warp: {exc}", file=sys.stderr)
             continue
-        print(f"{path.name}: mean movement in the first third {result['mean_frame_movement_A']:.2f} Å, "
-              f"max local deviation {result['max_local_deviation_A']:.2f} Å, {result['seconds']:.1f} s "
+        print(f"{path.name}: mean movement in the first third {result['mean_frame_movement']:.2f} Å, "
+              f"max local deviation {result['max_local_deviation']:.2f} Å, {result['seconds']:.1f} s "
               f"-> {result['average']}")
         paths = item_paths(args.out, path)
         rows.append(CorrectedMicrograph(

@@ -140,8 +140,8 @@ class MotionWidget(Container):
             movie, model, average, metrics = result
             self._add_layers(movie, model, average)
             self.status.value = (
-                f"{path.name}: first-third movement {metrics['mean_frame_movement_A']:.2f} Å · "
-                f"max local deviation {metrics['max_local_deviation_A']:.2f} Å"
+                f"{path.name}: first-third movement {metrics['mean_frame_movement']:.2f} Å · "
+                f"max local deviation {metrics['max_local_deviation']:.2f} Å"
             )
 
         def failed(exc):

@@ -136,7 +136,6 @@ def run_motion_step(
     meta = load_metadata(paths, movie.path)
     meta.set_params("OptionsMovement", settings_params(settings))
     motion_to_xml(meta, model)
-    meta.set_attr("MeanFrameMovement", format_value(float(metrics["mean_frame_movement_A"])))
     meta.set_attr("MotionProcessedAt", time.strftime("%Y-%m-%dT%H:%M:%S"))
     meta.write(paths.xml)  # last: an XML that names results means the results exist
     return {
