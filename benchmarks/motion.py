@@ -3,7 +3,7 @@
 Same run, same movie files (MRC, int8 counts), settings fair to both: a 5 × 5 patch grid, dose weighting on, the
 same pixel size / dose / voltage. For each movie:
 
-* ours: ``open_movie`` → ``fit_motion`` → ``aligned_average`` (dose-weighted) → ``write_mrc``, timed end to end;
+* ours: ``open_movie`` → ``correct_movie`` (fit, then dose-weighted average from the same frame spectra) → ``write_mrc``, timed end to end;
 * RELION: ``relion_run_motioncorr --use_own --j 2 --patch_x 5 --patch_y 5 --dose_weighting ...`` on a
   ``movies.star`` (timed as a subprocess: read, align, dose-weight, write), its motion STAR parsed with
   ``core.export.read_relion_motion`` — global shifts plus its third-order polynomial local model when it kept one
@@ -143,13 +143,12 @@ def relion_bfactor(case: Case) -> float:
 
 
 def run_ours(case: Case, movie: Path, out: Path):
-    from napari_warp.core.motion import aligned_average, fit_motion
+    from napari_warp.core.motion import correct_movie
 
     settings = our_settings(case)
     t = time.perf_counter()
     mov = open_movie(movie, pixel_size=case.pixel_size)
-    model = fit_motion(mov, settings)
-    avg = aligned_average(mov, model, settings, halves=False)
+    model, avg = correct_movie(mov, settings, halves=False)
     write_mrc(out, np.asarray(avg.average, np.float32), case.pixel_size, voltage=case.voltage)
     return model, time.perf_counter() - t
 

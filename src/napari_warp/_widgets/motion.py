@@ -119,7 +119,7 @@ class MotionWidget(Container):
 
         @thread_worker
         def work():
-            from ..core.motion import aligned_average, fit_motion, motion_metrics
+            from ..core.motion import correct_movie, motion_metrics
 
             movie = open_movie(path, pixel_size=settings.pixel_size)
             if out:
@@ -131,9 +131,7 @@ class MotionWidget(Container):
 
                 average = read_volume(result["average"])[0][0]
                 return movie, model, average, result
-            model = fit_motion(movie, settings, progress=lambda d, t: self._report(d, 2 * t))
-            avg = aligned_average(movie, model, settings, halves=False,
-                                  progress=lambda d, t: self._report(t + d, 2 * t))
+            model, avg = correct_movie(movie, settings, progress=self._report, halves=False)
             return movie, model, avg.average, motion_metrics(model)
 
         def done(result):

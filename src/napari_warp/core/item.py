@@ -102,14 +102,11 @@ def run_motion_step(
     before anything is written.
     """
     from .export import write_motion_star
-    from .motion import aligned_average, fit_motion, motion_metrics, motion_to_xml
+    from .motion import correct_movie, motion_metrics, motion_to_xml
 
     paths = item_paths(folder, movie.path)
     t0 = time.perf_counter()
-    fit_progress = (lambda d, t: progress(d, 2 * t)) if progress else None
-    model = fit_motion(movie, settings, device=device, progress=fit_progress)
-    avg_progress = (lambda d, t: progress(t + d, 2 * t)) if progress else None
-    result = aligned_average(movie, model, settings, device=device, progress=avg_progress, halves=True, stack=stack)
+    model, result = correct_movie(movie, settings, device=device, progress=progress, halves=True, stack=stack)
     t_compute = time.perf_counter() - t0
 
     ps = model.pixel_size
