@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import mrcfile
+
 from napari_warp.core.io.movie import write_mrc
 
 pytest.importorskip("qtpy")
@@ -84,7 +86,10 @@ def test_motion_widget_fits_and_adds_layers(qtbot, viewer_model, tmp_path):
         pass
     qtbot.waitUntil(lambda: len(viewer_model.layers) == 3, timeout=5000)
     average, tracks = viewer_model.layers[1], viewer_model.layers[2]
-    assert average.data.shape == (256, 256) and tuple(average.scale) == pytest.approx((1.0, 1.0))
+    # shown binned to 4 Å/px (the saved average keeps the full 1 Å/px sampling)
+    assert average.data.shape == (64, 64) and tuple(average.scale) == pytest.approx((4.0, 4.0))
+    with mrcfile.open(tmp_path / "processing" / "average" / "sim.mrc") as m:
+        assert m.data.shape == (256, 256) and float(m.voxel_size.x) == pytest.approx(1.0)
     assert tracks.nshapes == 25
     assert (tmp_path / "processing" / "sim.xml").is_file()
     assert (tmp_path / "processing" / "average" / "odd" / "sim.mrc").is_file()
@@ -103,3 +108,24 @@ def test_motion_widget_cancel(qtbot, viewer_model, tmp_path):
         pass
     qtbot.waitUntil(lambda: "cancelled" in widget.status.value, timeout=5000)
     assert len(viewer_model.layers) == 0 and widget.run_button.enabled
+
+
+def test_motion_widget_reuses_the_movie_docks_gain(qtbot, viewer_model, tmp_path):
+    """A movie opened with a gain reference in the Open-movie dock is motion-corrected with that gain."""
+    from napari_warp._widgets.motion import MotionWidget
+    from napari_warp._widgets.movie import MovieWidget
+
+    rng = np.random.default_rng(3)
+    write_mrc(tmp_path / "m.mrcs", rng.poisson(3.0, size=(4, 64, 64)).astype(np.float32), pixel_size=1.0)
+    write_mrc(tmp_path / "gain.mrc", rng.uniform(0.9, 1.1, (64, 64)).astype(np.float32), pixel_size=1.0)
+    opener = MovieWidget(viewer_model)
+    opener.movie.value = tmp_path / "m.mrcs"
+    opener.gain.value = tmp_path / "gain.mrc"
+    opener.transpose.value = True
+    worker = opener._open()
+    with qtbot.waitSignal(worker.finished, timeout=20000):
+        pass
+    qtbot.waitUntil(lambda: len(viewer_model.layers) == 1, timeout=5000)
+    motion = MotionWidget(viewer_model)
+    assert Path(motion._open_options["gain"]) == tmp_path / "gain.mrc"
+    assert motion._open_options["gain_transpose"] is True

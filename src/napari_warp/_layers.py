@@ -68,11 +68,16 @@ def image_layer(
     return (data, meta, "image")
 
 
-def movie_layer(movie, name: str | None = None) -> LayerData:
-    """A lazy (frames, y, x) Image layer from a :class:`napari_warp.core.io.movie.Movie`; 2D for one frame."""
+def movie_layer(movie, name: str | None = None, open_options: dict | None = None) -> LayerData:
+    """A lazy (frames, y, x) Image layer from a :class:`napari_warp.core.io.movie.Movie`; 2D for one frame.
+
+    ``open_options`` (the ``open_movie`` keywords used: gain, defects, flips, ...) are kept in the layer metadata,
+    so processing docks re-open the movie exactly as shown.
+    """
     name = name or movie.path.name
     preview = movie.frames(0)[0]
-    metadata = {"path": str(movie.path), "voltage": movie.voltage, "exposure": movie.exposure}
+    metadata = {"path": str(movie.path), "voltage": movie.voltage, "exposure": movie.exposure,
+                "open_options": dict(open_options or {})}
     if movie.shape[0] == 1:
         return image_layer(preview, movie.pixel_size, name, metadata=metadata)
     return image_layer(movie.to_dask(), movie.pixel_size, name, preview=preview, metadata=metadata)

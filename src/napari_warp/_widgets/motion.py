@@ -37,6 +37,8 @@ class MotionWidget(Container):
         self._worker = None
         self._cancel = False
         self._state = (0, 1)
+        self._open_options: dict = {}
+        self._layer_path = None
         self.movie = FileEdit(label="Movie", filter="*.mrc *.mrcs *.tif *.tiff *.eer *.em")
         self.pixel_size = FloatSpinBox(label="Pixel size (Å)", value=1.0, min=0.01, max=100.0, step=0.001)
         self.exposure = FloatSpinBox(label="Dose per frame (e/Å²)", value=1.0, min=0.001, max=100.0, step=0.01)
@@ -70,6 +72,8 @@ class MotionWidget(Container):
         if not meta.get("path"):
             return
         self.movie.value = meta["path"]
+        self._open_options = dict(meta.get("open_options") or {})
+        self._layer_path = meta["path"]
         if meta.get("pixel_size"):
             self.pixel_size.value = float(meta["pixel_size"])
         frames = layer.data.shape[0] if layer.ndim == 3 else 1
@@ -121,7 +125,10 @@ class MotionWidget(Container):
         def work():
             from ..core.motion import correct_movie, motion_metrics
 
-            movie = open_movie(path, pixel_size=settings.pixel_size)
+            # gain, defects, flips, binning: as the layer was opened (only when the form still names that file)
+            options = self._open_options if str(path) == str(self._layer_path) else {}
+            # The form's pixel size is that of the frames as returned (binned if so); settings carry it.
+            movie = open_movie(path, **options)
             if out:
                 from ..core.item import run_motion_step
 
@@ -160,9 +167,12 @@ class MotionWidget(Container):
 
     def _add_layers(self, movie, model, average):
         from .._layers import image_layer, motion_tracks_layer
+        from ..core.demo import binned_for_display
 
         name = Path(movie.path).stem
-        data, meta, _ = image_layer(average, model.pixel_size, f"{name} aligned average")
+        # Shown binned to ~4 Å/px as Warp shows micrographs; the saved average keeps the full sampling.
+        shown, ps = binned_for_display(average, model.pixel_size)
+        data, meta, _ = image_layer(shown, ps, f"{name} aligned average, {ps:.3g} Å/px")
         self._viewer.add_image(data, **meta)
         data, meta, _ = motion_tracks_layer(model, f"{name} motion ×{self.exaggerate.value}", self.exaggerate.value)
         self._viewer.add_shapes(data, **meta)

@@ -76,7 +76,7 @@ class MovieWidget(Container):
         @thread_worker
         def work():
             movie = open_movie(path, **opts)
-            return movie, movie_layer(movie)
+            return movie, movie_layer(movie, open_options={k: v for k, v in opts.items() if v is not None})
 
         def done(result):
             movie, (data, meta, _kind) = result
