@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import mrcfile
 import numpy as np
 import tifffile
+
+from _machine import cpu_and_date
 
 from napari_warp.core.io.movie import open_movie
 
@@ -38,18 +38,10 @@ def poisson_frames(n: int, size: int, mean: float, dtype, seed: int = 0):
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     import imagecodecs
 
     return (
-        f"{cpu}, {cores} cores; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; Python {platform.python_version()}, "
-        f"numpy {np.__version__}, tifffile {tifffile.__version__}, imagecodecs {imagecodecs.__version__}, "
+        f"{cpu_and_date()}, numpy {np.__version__}, tifffile {tifffile.__version__}, imagecodecs {imagecodecs.__version__}, "
         f"mrcfile {mrcfile.__version__}"
     )
 
@@ -88,7 +80,8 @@ def main(argv=None) -> None:
         setup = time.perf_counter() - t
 
         assert tifffile.imread(tif).shape == shape and open_movie(tif).shape == shape  # every page, both ways
-        assert np.array_equal(open_movie(tif).frames(3)[0], tifffile.imread(tif, key=3)[::-1])  # Warp's y flip
+        last = args.frames - 1
+        assert np.array_equal(open_movie(tif).frames(last)[0], tifffile.imread(tif, key=last)[::-1])  # Warp y flip
         rows = []  # (file, reader, seconds, reference seconds)
         ref = best_time(lambda: tifffile.imread(tif), args.repeat)
         rows.append(("TIFF LZW", "tifffile.imread (default threads)", ref, ref))

@@ -25,19 +25,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+
+from _machine import cpu_and_date
 
 from napari_warp.core.export import read_relion_motion
 from napari_warp.core.fourier import fourier_shift
@@ -194,13 +194,6 @@ def centred_rms(estimate: np.ndarray, truth: np.ndarray) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
         relion = subprocess.run(["relion_run_motioncorr", "--version"], capture_output=True, text=True,
                                 env=ENV).stdout.strip().splitlines()[0]
@@ -211,8 +204,7 @@ def machine() -> str:
                                 cwd=REPO).stdout.strip()
     except OSError:
         commit = "?"
-    return (f"{cpu}, {cores} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
-            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; Python {platform.python_version()}, torch "
+    return (f"{cpu_and_date()}, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, torch "
             f"{torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}; napari-warp {commit}; "
             f"{relion}")
 

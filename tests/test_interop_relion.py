@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from napari_warp.core.export import (
     CorrectedMicrograph,
@@ -31,7 +30,6 @@ from napari_warp.core.export import (
     write_corrected_micrographs_star,
     write_motion_star,
 )
-from napari_warp.core.grid import CubicGrid
 from napari_warp.core.io.mrc_write import write_mrc
 from napari_warp.core.io.star import read_star, write_star
 from napari_warp.core.motion import MotionModel
@@ -56,17 +54,7 @@ def _relion(args: list[str], cwd: Path, timeout: float = 60) -> str:
     return out
 
 
-def grid_model(global_px, local_nodes, shape, pixel_size) -> MotionModel:
-    """A ``core.motion.MotionModel`` from known grids: global ``(F, 2)`` px (one temporal node per frame, so the
-    per-frame values are exact) and local nodes ``(2, T, Gy, Gx)`` px (or None), (dy, dx)."""
-    g = torch.as_tensor(np.asarray(global_px, dtype=np.float64))
-    glob = (CubicGrid(g[:, 0, None, None]), CubicGrid(g[:, 1, None, None]))
-    if local_nodes is None:
-        loc = (CubicGrid.zeros((1, 1, 1), dtype=torch.float64),) * 2
-    else:
-        nodes = torch.as_tensor(np.asarray(local_nodes, dtype=np.float64))
-        loc = (CubicGrid(nodes[0]), CubicGrid(nodes[1]))
-    return MotionModel(tuple(shape), float(pixel_size), len(g), glob, loc)
+grid_model = MotionModel.from_nodes
 
 
 def _optics(**extra) -> pd.DataFrame:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from napari_warp.core import export
 from napari_warp.core.errors import MetadataError
@@ -25,7 +24,6 @@ from napari_warp.core.export import (
     write_corrected_micrographs_star,
     write_motion_star,
 )
-from napari_warp.core.grid import CubicGrid
 from napari_warp.core.io.star import read_star
 from napari_warp.core.motion import MotionModel, MotionSettings, fit_motion
 from napari_warp.core.simulate import MovieSimulation, simulate_movie
@@ -33,17 +31,7 @@ from napari_warp.core.simulate import MovieSimulation, simulate_movie
 SHAPE = (300, 420)  # (Y, X), deliberately not square: catches x/y and width/height swaps
 
 
-def grid_model(global_px, local_nodes, shape, pixel_size) -> MotionModel:
-    """A ``core.motion.MotionModel`` from known grids: global ``(F, 2)`` px (one temporal node per frame, so the
-    per-frame values are exact) and local nodes ``(2, T, Gy, Gx)`` px (or None), (dy, dx)."""
-    g = torch.as_tensor(np.asarray(global_px, dtype=np.float64))
-    glob = (CubicGrid(g[:, 0, None, None]), CubicGrid(g[:, 1, None, None]))
-    if local_nodes is None:
-        loc = (CubicGrid.zeros((1, 1, 1), dtype=torch.float64),) * 2
-    else:
-        nodes = torch.as_tensor(np.asarray(local_nodes, dtype=np.float64))
-        loc = (CubicGrid(nodes[0]), CubicGrid(nodes[1]))
-    return MotionModel(tuple(shape), float(pixel_size), len(g), glob, loc)
+grid_model = MotionModel.from_nodes
 
 
 def _global(n_frames: int = 12, seed: int = 0) -> np.ndarray:

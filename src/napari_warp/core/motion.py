@@ -183,6 +183,19 @@ class MotionModel:
         return _eval_local(self.local_grids, t, _normalise_yx(yx, self.shape)).numpy()
 
     @classmethod
+    def from_nodes(cls, global_px, local_nodes, shape, pixel_size: float) -> MotionModel:
+        """A model from known grid values: ``global_px`` ``(F, 2)`` px (dy, dx), one temporal node per frame (so the
+        per-frame values are exact), and ``local_nodes`` ``(2, T, Gy, Gx)`` px (dy, dx) or None for none."""
+        g = torch.as_tensor(np.asarray(global_px, dtype=np.float64))
+        glob = (CubicGrid(g[:, 0, None, None]), CubicGrid(g[:, 1, None, None]))
+        if local_nodes is None:
+            loc = (CubicGrid.zeros((1, 1, 1), dtype=torch.float64),) * 2
+        else:
+            nodes = torch.as_tensor(np.asarray(local_nodes, dtype=np.float64))
+            loc = (CubicGrid(nodes[0]), CubicGrid(nodes[1]))
+        return cls(tuple(int(v) for v in shape), float(pixel_size), len(g), glob, loc)
+
+    @classmethod
     def identity(cls, shape, pixel_size: float, n_frames: int, skip_first: int = 0, skip_last: int = 0):
         """A no-motion model (single node grids)."""
         z = CubicGrid.zeros((1, 1, 1), dtype=torch.float64)
