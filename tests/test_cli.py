@@ -15,12 +15,12 @@ from napari_warp.core.io.star import read_coordinates
 
 def test_demo_headless(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--headless", "--out", str(out), "--size", "256", "--frames", "6"]) == 0
+    assert main(["demo", "--headless", "--out", str(out), "--size", "512", "--frames", "16"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["shape"] == [6, 256, 256]
+    assert summary["shape"] == [16, 512, 512]
     assert summary["pixel_size_A"] == pytest.approx(1.0)
     assert summary["voltage_kV"] == pytest.approx(300.0)
-    assert summary["exposure_e_per_A2"] == pytest.approx(12.0)  # 2 e/Å² × 6 frames
+    assert summary["exposure_e_per_A2"] == pytest.approx(32.0)  # 2 e/Å² × 16 frames
     for name in ["movie.mrcs", "gain.mrc", "average.mrc", "spectrum.mrc", "truth_particles.star"]:
         assert (out / name).is_file(), name
     with mrcfile.open(out / "average.mrc") as m:
@@ -29,6 +29,12 @@ def test_demo_headless(tmp_path, capsys):
     # gain applied: the average counts per pixel equal the dose per frame × pixel area (2 e/Å² × 1 Å²)
     assert avg.mean() == pytest.approx(2.0, rel=0.05)
     assert len(read_coordinates(out / "truth_particles.star")) == summary["true_particles"] > 0
+    # motion correction ran: aligned average, halves and XML written, fitted shifts close to the truth
+    for rel in ["processing/movie.xml", "processing/average/movie.mrc", "processing/average/odd/movie.mrc",
+                "processing/motion/movie.star", "tracks.npz"]:
+        assert (out / rel).is_file(), rel
+    # 15 px of drift at 2 e/Å² per frame: a failed or sign-flipped fit is off by several px
+    assert summary["motion_rms_error_px"] < 1.0
     assert "results in" in capsys.readouterr().out
 
 

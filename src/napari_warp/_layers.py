@@ -140,7 +140,12 @@ def motion_tracks_layer(model, name: str, exaggerate: float = 20.0) -> LayerData
 
 
 def tracks_layer(
-    positions: np.ndarray, shifts: np.ndarray, pixel_size: float | None, name: str, exaggerate: float = 1.0
+    positions: np.ndarray,
+    shifts: np.ndarray,
+    pixel_size: float | None,
+    name: str,
+    exaggerate: float = 1.0,
+    edge_color: str = "cyan",
 ) -> LayerData:
     """Motion tracks as Shapes paths, as Warp draws them: for P positions (P, 2) and shifts (F, P, 2) in pixels,
     one path per position through ``position + exaggerate * shift[f]``."""
@@ -151,7 +156,7 @@ def tracks_layer(
     meta = {
         "name": name,
         "shape_type": "path",
-        "edge_color": "cyan",
+        "edge_color": edge_color,
         "edge_width": 2.0,
         "scale": (ps, ps),
         "units": _units(pixel_size, 2),

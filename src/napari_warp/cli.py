@@ -27,7 +27,8 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
 
     Writes into ``out``: ``movie.mrcs`` (raw counts), ``gain.mrc``, ``average.mrc`` (gain-corrected, not yet
     motion-corrected), ``spectrum.mrc`` (Warp-style: data left, true CTF right), ``truth_particles.star``,
-    ``truth_tracks.npz`` (true shifts at a 5×5 grid) and ``summary.json``.
+    ``processing/`` (motion correction: aligned average, halves, XML, RELION STAR), ``tracks.npz`` (true and
+    fitted shifts at a 5×5 grid) and ``summary.json``.
     """
     import numpy as np
 
@@ -35,6 +36,8 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
     from .core.demo import demo_simulation, inspect_movie
     from .core.io.movie import open_movie, write_mrc
     from .core.io.star import write_coordinates
+    from .core.item import run_motion_step
+    from .core.motion import MotionSettings
     from .core.simulate import simulate_movie
 
     out.mkdir(parents=True, exist_ok=True)
@@ -52,11 +55,18 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
     movie = open_movie(movie_path, gain=gain_path, exposure=settings.dose_per_frame * frames)
     inspect_movie(movie, sim.truth.ctf, out, progress=_progress("averaging frames"))
     write_coordinates(out / "truth_particles.star", sim.truth.particles, micrograph_name="average.mrc")
-    # True motion at a 5×5 grid of positions, for drawing tracks as Warp does.
+    motion = run_motion_step(movie, MotionSettings(pixel_size=movie.pixel_size,
+                                                   exposure_per_frame=settings.dose_per_frame),
+                             out / "processing", gain_path=gain_path, progress=_progress("motion correction"))
+    # True and fitted motion at a 5×5 grid of positions, for drawing tracks as Warp does. Both relative to each
+    # position's mean over frames: that is where the aligned average puts a feature.
     positions = track_positions(movie.shape[1:])
-    shifts = sim.truth.shifts(positions)
-    np.savez(out / "truth_tracks.npz", positions=positions, shifts=shifts)
+    shifts = sim.truth.shifts(positions, relative_to_mean=True)
+    fitted = motion["model"].shifts(positions)
+    fitted = fitted - fitted.mean(0)
+    np.savez(out / "tracks.npz", positions=positions, truth=shifts, fitted=fitted)
     total_drift_px = float(np.linalg.norm(shifts[-1] - shifts[0], axis=-1).mean())
+    error = fitted - shifts
 
     summary = {
         "movie": str(movie_path),
@@ -68,6 +78,9 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
         "true_particles": int(len(sim.truth.particles)),
         "particle_diameter_A": float(sim.truth.particle_diameter),
         "true_mean_drift_A": round(total_drift_px * movie.pixel_size, 2),
+        "motion_rms_error_px": round(float(np.sqrt((error**2).sum(-1).mean())), 3),
+        "motion_seconds": motion["seconds"],
+        "aligned_average": motion["average"],
         "simulation_s": round(t_sim, 2),
         "outputs": sorted(p.name for p in out.iterdir() if p.is_file()),
     }
@@ -97,18 +110,22 @@ def demo_viewer(out: Path, viewer=None, display_pixel_size: float = 4.0):
         meta.update(name="movie (raw counts)", visible=False)
         viewer.add_image(data, **meta)
     avg, avg_ps = binned_for_display(read_volume(out / "average.mrc")[0][0], ps, display_pixel_size)
-    viewer.add_image(**_kw(image_layer(avg, avg_ps, f"average, {avg_ps:.3g} Å/px")))
+    viewer.add_image(**_kw(image_layer(avg, avg_ps, f"uncorrected average, {avg_ps:.3g} Å/px", visible=False)))
+    aligned, _ = binned_for_display(read_volume(summary["aligned_average"])[0][0], ps, display_pixel_size)
+    viewer.add_image(**_kw(image_layer(aligned, avg_ps, f"aligned average, {avg_ps:.3g} Å/px")))
     picks = read_coordinates(out / "truth_particles.star")
     viewer.add_points(**_kw(points_layer(picks.yx, ps, "true particles", diameter=summary["particle_diameter_A"])))
-    tracks = np.load(out / "truth_tracks.npz")
-    viewer.add_shapes(**_kw(tracks_layer(tracks["positions"], tracks["shifts"], ps, "true motion ×20", 20.0)))
+    tracks = np.load(out / "tracks.npz")
+    viewer.add_shapes(**_kw(tracks_layer(tracks["positions"], tracks["truth"], ps, "true motion ×20", 20.0,
+                                         edge_color="magenta")))
+    viewer.add_shapes(**_kw(tracks_layer(tracks["positions"], tracks["fitted"], ps, "fitted motion ×20", 20.0)))
     spec, _ = read_volume(out / "spectrum.mrc")
     # Placed beside the micrograph at the same displayed size; its axes are spatial frequency, not Å.
     extent = avg.shape[-1] * avg_ps
     data, meta, _ = image_layer(spec[0], extent / spec.shape[-1], "spectrum | true CTF²")
     meta["translate"] = (0.0, extent * 1.05)
     viewer.add_image(data, **meta)
-    viewer.layers.selection.active = viewer.layers[1]
+    viewer.layers.selection.active = viewer.layers[2]
     viewer.reset_view()
     return viewer
 
