@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from napari_warp.core.device import get_device
-from napari_warp.core.fourier import fourier_resize_rfft, fftfreq_warp
-from napari_warp.core.grid import CubicGrid, evaluate_cubic_grid, evaluate_cubic_grid_lattice
+from .device import get_device
+from .fourier import fourier_resize_rfft, fftfreq_warp
+from .grid import CubicGrid, evaluate_cubic_grid, evaluate_cubic_grid_lattice
 
 __all__ = [
     "MotionSettings",
@@ -1197,7 +1197,7 @@ def motion_to_xml(meta, model: MotionModel) -> None:
     ``−shift · pixel_size``; dims are Warp's ``(X, Y, Z)`` = our ``(Z, Y, X)`` reversed, time on Z. Also sets the
     ``MeanFrameMovement`` attribute (Å).
     """
-    from napari_warp.core.io.warp_xml import GridData
+    from .io.warp_xml import GridData
 
     ps = model.pixel_size
     for name, grid in (("GridMovementX", model.global_grids[1]), ("GridMovementY", model.global_grids[0]),

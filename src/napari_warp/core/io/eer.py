@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from napari_warp.core.errors import UnreadableMovieError
-from napari_warp.core.io.tiff import load_pages, open_tiff
+from ..errors import UnreadableMovieError
+from .tiff import load_pages, open_tiff
 
 EER_EXTENSIONS = (".eer",)
 _SUPERRES = {1: 0, 2: 1, 4: 2}  # upsampling -> sub-pixel bits used per axis (imagecodecs "superres")

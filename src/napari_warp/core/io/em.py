@@ -10,9 +10,9 @@ import os
 
 import numpy as np
 
-from napari_warp.core.errors import UnreadableMovieError
-from napari_warp.core.io.atomic import atomic_path
-from napari_warp.core.io.raw import BinarySource, check_size
+from ..errors import UnreadableMovieError
+from .atomic import atomic_path
+from .raw import BinarySource, check_size
 
 EM_EXTENSIONS = (".em",)
 _HEADER_BYTES = 512

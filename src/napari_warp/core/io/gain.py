@@ -16,16 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse
 
-from napari_warp.core.errors import GainReferenceError, UnreadableMovieError
+from ..errors import GainReferenceError, UnreadableMovieError
 
 _IMAGE_EXTENSIONS = (".mrc", ".mrcs", ".tif", ".tiff", ".gain", ".em")
 
 
 def read_reference(path: str | os.PathLike, what: str = "gain") -> np.ndarray:
     """A single-image reference (MRC, TIFF/.gain, EM) as float32 (y, x), in our reading convention."""
-    from napari_warp.core.io.em import open_em
-    from napari_warp.core.io.mrc import read_mrc_header
-    from napari_warp.core.io.tiff import TiffSource
+    from .em import open_em
+    from .mrc import read_mrc_header
+    from .tiff import TiffSource
 
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()

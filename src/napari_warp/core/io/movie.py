@@ -21,16 +21,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from napari_warp.core.device import to_numpy
-from napari_warp.core.errors import UnreadableMovieError
-from napari_warp.core.fourier import fourier_crop
-from napari_warp.core.io.eer import EER_EXTENSIONS, EerSource, group_for_dose
-from napari_warp.core.io.em import EM_EXTENSIONS, open_em
-from napari_warp.core.io.gain import Correction, prepare_correction
-from napari_warp.core.io.mrc import MRC_EXTENSIONS, read_mrc_header, read_mrc_volume
-from napari_warp.core.io.mrc_write import write_mrc
-from napari_warp.core.io.raw import RawLayout, open_raw
-from napari_warp.core.io.tiff import TIFF_EXTENSIONS, TiffSource, imagej_slices, read_tiff_image_stack
+from ..device import to_numpy
+from ..errors import UnreadableMovieError
+from ..fourier import fourier_crop
+from .eer import EER_EXTENSIONS, EerSource, group_for_dose
+from .em import EM_EXTENSIONS, open_em
+from .gain import Correction, prepare_correction
+from .mrc import MRC_EXTENSIONS, read_mrc_header, read_mrc_volume
+from .mrc_write import write_mrc
+from .raw import RawLayout, open_raw
+from .tiff import TIFF_EXTENSIONS, TiffSource, imagej_slices, read_tiff_image_stack
 
 __all__ = [
     "Movie", "RawLayout", "open_movie", "read_volume", "is_volume", "write_mrc", "binned_shape",

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from mrcfile.dtypes import HEADER_DTYPE, get_ext_header_dtype
 
-from napari_warp.core.errors import UnreadableMovieError
-from napari_warp.core.io.raw import BinarySource, check_size
+from ..errors import UnreadableMovieError
+from .raw import BinarySource, check_size
 
 MRC_EXTENSIONS = (".mrc", ".mrcs", ".st", ".rec", ".map", ".ali", ".preali", ".ccp4")
 

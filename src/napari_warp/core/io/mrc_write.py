@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import mrcfile
 import numpy as np
 
-from napari_warp.core.io.atomic import atomic_path
+from .atomic import atomic_path
 
 _WRITABLE = (np.float32, np.float16, np.int8, np.int16, np.uint16)
 

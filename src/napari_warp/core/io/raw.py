@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_warp.core.errors import UnreadableMovieError
+from ..errors import UnreadableMovieError
 
 _BYTEORDERS = {"<": "<", "little": "<", ">": ">", "big": ">", "=": "=", "native": "="}
 

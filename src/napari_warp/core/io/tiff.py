@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from napari_warp.core.errors import UnreadableMovieError
+from ..errors import UnreadableMovieError
 
 TIFF_EXTENSIONS = (".tif", ".tiff", ".gain")
 EER_COMPRESSIONS = (65000, 65001, 65002)
