@@ -133,11 +133,7 @@ class MotionWidget(Container):
                 from ..core.item import run_motion_step
 
                 result = run_motion_step(movie, settings, out, progress=self._report)
-                model = result["model"]
-                from ..core.io.movie import read_volume
-
-                average = read_volume(result["average"])[0][0]
-                return movie, model, average, result
+                return movie, result["model"], result["aligned"].average, result
             model, avg = correct_movie(movie, settings, progress=self._report, halves=False)
             return movie, model, avg.average, motion_metrics(model)
 

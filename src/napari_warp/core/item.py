@@ -96,7 +96,8 @@ def run_motion_step(
     progress: Progress | None = None,
 ) -> dict:
     """Fit motion for ``movie``, write the dose-weighted average, odd/even halves, RELION motion STAR and the
-    item XML (settings in ``<OptionsMovement>``, grids and metrics on ``<Movie>``). Returns the metrics + paths.
+    item XML (settings in ``<OptionsMovement>``, grids and metrics on ``<Movie>``). Returns the metrics, paths,
+    the model and the averages (``aligned``).
 
     ``progress(done, total)`` covers the fit and the averaging; raising ``Cancelled`` from it stops the step
     before anything is written.
@@ -144,4 +145,5 @@ def run_motion_step(
         "xml": str(paths.xml),
         "motion_star": str(paths.motion_star),
         "model": model,
+        "aligned": result,  # the AlignedAverage arrays, so callers need not read the files back
     }
