@@ -6,6 +6,7 @@ Layout (as Warp writes it, so Warp users find their files)::
     <folder>/average/<name>.mrc          aligned, dose-weighted average
     <folder>/average/odd/<name>.mrc      odd-frame half average   (even: average/even/)
     <folder>/motion/<name>.star          RELION 3.1 motion STAR (for Bayesian polishing)
+    <folder>/powerspectrum/<name>.mrc    mean patch power spectrum of the CTF fit (rfft half, DC at [0, 0])
 
 Every file is written atomically; the XML is written last, so an item whose XML names a result has that result.
 """
@@ -53,6 +54,10 @@ class ItemPaths:
     @property
     def motion_star(self) -> Path:
         return self.folder / "motion" / f"{self.name}.star"
+
+    @property
+    def power_spectrum(self) -> Path:
+        return self.folder / "powerspectrum" / f"{self.name}.mrc"
 
     @property
     def aligned_stack(self) -> Path:
@@ -147,3 +152,56 @@ def run_motion_step(
         "model": model,
         "aligned": result,  # the AlignedAverage arrays, so callers need not read the files back
     }
+
+
+def run_ctf_step(
+    frames,
+    settings,
+    folder: str | Path,
+    movie_path: str | Path,
+    *,
+    device=None,
+    progress: Progress | None = None,
+) -> dict:
+    """Fit the CTF of ``frames`` (the movie's ``(F, Y, X)`` frames, or its aligned average as ``(Y, X)``) and store
+    it in the item of ``movie_path``: settings in ``<OptionsCTF>``, the model and 1D spectra via ``ctf_to_xml``,
+    the 2D spectrum in ``powerspectrum/``. Returns the fit (``"fit"``), its key numbers and the paths.
+    """
+    from .ctf_fit import ctf_to_xml, fit_ctf
+
+    paths = item_paths(folder, movie_path)
+    t0 = time.perf_counter()
+    fit = fit_ctf(frames, settings, device=device, progress=progress)
+    if fit.spectrum_2d is not None:
+        write_mrc(paths.power_spectrum, fit.spectrum_2d, pixel_size=settings.pixel_size)
+    meta = load_metadata(paths, movie_path)
+    meta.set_params("OptionsCTF", settings_params(settings))
+    ctf_to_xml(meta, fit)
+    meta.set_attr("CTFProcessedAt", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    meta.write(paths.xml)
+    return {
+        "defocus": fit.defocus,
+        "astigmatism": fit.astigmatism,
+        "astigmatism_angle": fit.astigmatism_angle,
+        "phase_shift": fit.phase_shift,
+        "fit_resolution": fit.fit_resolution,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "xml": str(paths.xml),
+        "power_spectrum": str(paths.power_spectrum),
+        "fit": fit,
+    }
+
+
+def load_ctf(folder: str | Path, movie_path: str | Path):
+    """The CTF fit stored in an item (with its 2D spectrum when the file exists), or None if it has none."""
+    from .ctf_fit import ctf_from_xml
+    from .io.mrc import read_mrc_volume
+
+    paths = item_paths(folder, movie_path)
+    if not paths.xml.exists():
+        return None
+    meta = read_warp_xml(paths.xml, kinds=("Movie",))
+    if not meta.has("CTF") or not meta.has("PS1D"):
+        return None
+    spectrum = read_mrc_volume(paths.power_spectrum)[0][0] if paths.power_spectrum.exists() else None
+    return ctf_from_xml(meta, spectrum_2d=spectrum)
