@@ -163,3 +163,82 @@ def tracks_layer(
         "metadata": {"exaggeration": exaggerate},
     }
     return (paths, meta, "shapes")
+
+
+def layer_pixel_size(layer) -> float | None:
+    """The Å/px of a layer's (y, x) data: ``metadata["pixel_size"]``, else its x scale when its units are Å.
+
+    None when neither says (a layer in pixels); a layer binned for display reports its own (binned) sampling.
+    """
+    meta = getattr(layer, "metadata", None) or {}
+    if meta.get("pixel_size"):
+        return float(meta["pixel_size"])
+    units = getattr(layer, "units", None)
+    if units is not None and len(units) and str(units[-1]) in (UNIT, "Å"):
+        return float(layer.scale[-1])
+    return None
+
+
+def defocus_layer(
+    fit,
+    pixel_size_shown: float | tuple[float, float],
+    shape_shown: tuple[int, ...],
+    name: str,
+    *,
+    translate: tuple[float, float] = (0.0, 0.0),
+    max_size: int = 1024,
+    **kwargs,
+) -> LayerData:
+    """The local defocus of a CTF fit as a translucent Image overlay in µm, aligned with the micrograph shown.
+
+    fit: a ``core.ctf_fit.CTFFit``. pixel_size_shown: Å/px (or ``(y, x)`` Å/px) of the displayed micrograph, whose
+    (y, x) shape is ``shape_shown`` (leading axes, e.g. frames, are ignored) and whose world offset is ``translate``
+    (Å). The map spans the displayed image exactly; it is sampled at most ``max_size`` px per side (defocus is smooth)
+    with the scale stretched to keep the extent. Values are µm (Å / 1e4); contrast limits are the map's range, padded
+    by ±0.01 µm so they never have zero width.
+    """
+    ys, xs = (int(v) for v in tuple(shape_shown)[-2:])
+    psy, psx = (pixel_size_shown, pixel_size_shown) if np.isscalar(pixel_size_shown) else pixel_size_shown
+    psy = float(psy) if psy else 1.0
+    psx = float(psx) if psx else 1.0
+    ny, nx = min(ys, int(max_size)), min(xs, int(max_size))
+    values = fit.defocus_map((ny, nx)).astype(np.float32) / 1e4  # µm
+    # map pixel j covers shown pixels [j·ys/ny − 0.5, (j+1)·ys/ny − 0.5): same extent, centres aligned
+    sy, sx = ys / ny, xs / nx
+    lo, hi = float(values.min()), float(values.max())
+    meta = {
+        "name": name,
+        "scale": (psy * sy, psx * sx),
+        "translate": (float(translate[0]) + psy * (sy - 1) / 2, float(translate[1]) + psx * (sx - 1) / 2),
+        "units": _units(pixel_size_shown, 2),
+        "axis_labels": ("y", "x"),
+        "colormap": "turbo",
+        "opacity": 0.4,
+        "blending": "translucent_no_depth",
+        "contrast_limits": (lo - 0.01, hi + 0.01),
+        "interpolation2d": "linear",
+        "metadata": {
+            "units": "µm",
+            "quantity": "local defocus",
+            "napari_warp_role": "defocus",
+            "defocus_mean_um": fit.defocus / 1e4,
+            "pixel_size": psx * sx,
+            **kwargs.pop("metadata", {}),
+        },
+        **kwargs,
+    }
+    return (values, meta, "image")
+
+
+def deconvolved_layer(
+    image: np.ndarray,
+    pixel_size: float | None,
+    name: str,
+    *,
+    translate: tuple[float, float] = (0.0, 0.0),
+    **kwargs,
+) -> LayerData:
+    """A CTF-deconvolved micrograph ``(Y, X)`` as an Image layer in Å (percentile contrast), offset by ``translate``."""
+    metadata = {"napari_warp_role": "deconvolved", **kwargs.pop("metadata", {})}
+    return image_layer(image, pixel_size, name, translate=tuple(float(t) for t in translate), metadata=metadata,
+                       **kwargs)

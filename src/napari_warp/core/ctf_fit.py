@@ -4,9 +4,10 @@ Pipeline (``fit_ctf``), all in torch and batched over patches:
 
 1. Patch power spectra: ``window``-px patches with 50 % overlap (Warp's patch layout), per frame, summed over frames
    (or over frame groups when the phase shift has temporal resolution). Each patch spectrum is binned into
-   ``(angle, radius)`` cells of 1 px radial width (the rfft half-plane covers all angles; cells hold pixel counts
-   used as weights), so the 2D cost costs ~4× less than on pixels with no loss: a cell spans < 3° of arc, over
-   which an astigmatic CTF does not change phase measurably.
+   ``(angle, radius)`` cells of 1 px radial width and 2.5° (the rfft half-plane covers all angles; cells hold
+   pixel counts used as weights), so the 2D cost is ~4× cheaper than on pixels with no measurable loss: across one
+   cell, 1,000 Å of astigmatism changes the defocus by < 45 Å. (3.75° cells lost 20 % of a 300 Å astigmatism at
+   5 µm defocus in the tests.)
 2. 1D: rotational average of all patches; a 3-node B-spline through its logarithm in the fit range is the first
    background; an exhaustive search over the defocus range (and phase shift) maximises the normalised correlation
    of the background-subtracted 1D spectrum with ``|CTF|``.
