@@ -120,6 +120,26 @@ def test_anisotropic_magnification_is_modelled():
     assert _angle_diff(unknown.angle, 20.0 + 90.0) <= 3.0  # larger pixels along 20° = less defocus there
 
 
+def test_phase_shift_with_temporal_resolution():
+    """Frames whose phase-plate shift grows from 40° to 100° over the exposure: two temporal nodes follow it."""
+    rng = np.random.default_rng(3)
+    shape, n = (768, 768), 8
+    phases = np.linspace(40.0, 100.0, n)
+    frames = []
+    for ph in phases:
+        ctf = ctf_2d(CTFParams(pixel_size=1.0, defocus=8000.0, phase_shift=float(ph)), shape,
+                     dtype=torch.float64).numpy()
+        frames.append(np.fft.irfft2(np.fft.rfft2(rng.standard_normal(shape)) * ctf, s=shape)
+                      + 0.7 * rng.standard_normal(shape))
+    fit = fit_ctf(np.stack(frames).astype(np.float32),
+                  CTFSettings(pixel_size=1.0, fit_phase=True, phase_nodes=2, grid=(1, 1)))
+    assert fit.phase_nodes.shape == (2,)
+    # nodes at the start and end of the exposure: 4 frame groups, centred at t = 1/8 … 7/8 of the linear ramp
+    assert fit.phase_nodes[0] == pytest.approx(40.0, abs=6.0)
+    assert fit.phase_nodes[1] == pytest.approx(100.0, abs=6.0)
+    assert fit.defocus == pytest.approx(8000.0, rel=0.005)
+
+
 def test_fit_resolution_finds_where_the_rings_end():
     """A spectrum that follows |CTF| up to a cut-off frequency and is noise beyond it."""
     px, n = 1.0, 256

@@ -27,8 +27,9 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
 
     Writes into ``out``: ``movie.mrcs`` (raw counts), ``gain.mrc``, ``average.mrc`` (gain-corrected, not yet
     motion-corrected), ``spectrum.mrc`` (Warp-style: data left, true CTF right), ``truth_particles.star``,
-    ``processing/`` (motion correction: aligned average, halves, XML, RELION STAR), ``tracks.npz`` (true and
-    fitted shifts at a 5×5 grid) and ``summary.json``.
+    ``processing/`` (motion correction: aligned average, halves, RELION STAR; CTF of the aligned average: local
+    defocus grid, spectra, power spectrum; both in the item XML), ``tracks.npz`` (true and fitted shifts at a 5×5
+    grid) and ``summary.json``.
     """
     import numpy as np
 
@@ -36,7 +37,8 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
     from .core.demo import demo_simulation, inspect_movie
     from .core.io.movie import open_movie, write_mrc
     from .core.io.star import write_coordinates
-    from .core.item import run_motion_step
+    from .core.ctf_fit import CTFSettings
+    from .core.item import run_ctf_step, run_motion_step
     from .core.motion import MotionSettings
     from .core.simulate import simulate_movie
 
@@ -65,6 +67,13 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
     fitted = motion["model"].shifts(positions)
     fitted = fitted - fitted.mean(0)
     np.savez(out / "tracks.npz", positions=positions, truth=shifts, fitted=fitted)
+    ctf = run_ctf_step(motion["aligned"].average, CTFSettings(pixel_size=movie.pixel_size,
+                                                              voltage=movie.voltage or 300.0),
+                       out / "processing", movie_path, progress=_progress("CTF estimation"))
+    fit = ctf["fit"]
+    lattice = track_positions(movie.shape[1:], 8)
+    true_defocus = sim.truth.defocus_at(lattice)
+    defocus_error = float(np.sqrt(np.mean((fit.defocus_at(lattice) - true_defocus) ** 2)))
     total_drift_px = float(np.linalg.norm(shifts[-1] - shifts[0], axis=-1).mean())
     error = fitted - shifts
 
@@ -80,6 +89,15 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
         "true_mean_drift_A": round(total_drift_px * movie.pixel_size, 2),
         "motion_rms_error_px": round(float(np.sqrt((error**2).sum(-1).mean())), 3),
         "motion_seconds": motion["seconds"],
+        "ctf_defocus_A": round(fit.defocus, 1),
+        "ctf_local_defocus_rms_error_A": round(defocus_error, 1),
+        "true_astigmatism_A": float(sim.truth.ctf.astigmatism),
+        "ctf_astigmatism_A": round(fit.astigmatism, 1),
+        "true_astigmatism_angle_deg": float(sim.truth.ctf.astigmatism_angle),
+        "ctf_astigmatism_angle_deg": round(fit.astigmatism_angle, 2),
+        "ctf_fit_resolution_A": round(fit.fit_resolution, 2),
+        "ctf_seconds": ctf["seconds"],
+        "item_xml": ctf["xml"],
         "aligned_average": motion["average"],
         "simulation_s": round(t_sim, 2),
         "outputs": sorted(p.name for p in out.iterdir() if p.is_file()),
@@ -125,7 +143,17 @@ def demo_viewer(out: Path, viewer=None, display_pixel_size: float = 4.0):
     data, meta, _ = image_layer(spec[0], extent / spec.shape[-1], "spectrum | true CTF²")
     meta["translate"] = (0.0, extent * 1.05)
     viewer.add_image(data, **meta)
-    viewer.layers.selection.active = viewer.layers[2]
+    aligned_layer = viewer.layers[2]
+    from ._widgets.ctf import CTFWidget
+    from .core.item import load_ctf
+
+    fit = load_ctf(out / "processing", summary["movie"])
+    if fit is not None:
+        dock = CTFWidget(viewer)
+        viewer.window.add_dock_widget(dock, name="CTF estimation and deconvolution", area="right")
+        dock.source.value = aligned_layer
+        dock.show_result(fit, aligned_layer)
+    viewer.layers.selection.active = aligned_layer
     viewer.reset_view()
     return viewer
 
@@ -201,6 +229,59 @@ def run_motion(args) -> int:
     return 1 if failed else 0
 
 
+def _range(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LOW:HIGH, e.g. 20:3.3") from None
+    return a, b
+
+
+def run_ctf(args) -> int:
+    """``napari-warp ctf``: per movie (fitted from its frames) or micrograph, fit the local CTF into the item XML."""
+    from .core.ctf_fit import CTFSettings
+    from .core.errors import NapariWarpError
+    from .core.item import item_paths, run_ctf_step
+    from .core.io.movie import read_volume
+
+    failed = 0
+    for i, path in enumerate(args.inputs, 1):
+        try:
+            average = item_paths(args.out, path).average
+            if args.from_average:
+                if not average.exists():
+                    raise NapariWarpError(f"{path}: no aligned average at {average}; run 'napari-warp motion' first")
+                data, voxel = read_volume(average)
+                frames, ps = data, (args.angpix or (voxel[-1] if voxel else None))
+            else:
+                movie = _open(path, args)
+                frames, ps = movie.to_dask(), movie.pixel_size
+            if ps is None:
+                raise NapariWarpError(f"{path}: no pixel size in the header; give --angpix")
+            fit_range = {}
+            if args.range is not None:  # Å -> fractions of Nyquist of this input's sampling
+                fit_range = {"range_min": 2 * ps / args.range[0], "range_max": min(1.0, 2 * ps / args.range[1])}
+            settings = CTFSettings(
+                pixel_size=ps, voltage=args.voltage, cs=args.cs, amplitude=args.amplitude, window=args.window,
+                **fit_range, defocus_min=args.defocus[0] * 1e4, defocus_max=args.defocus[1] * 1e4, fit_phase=args.phase,
+                grid=args.grid,
+            )
+            result = run_ctf_step(frames, settings, args.out, path, device=args.device,
+                                  progress=_progress(f"[{i}/{len(args.inputs)}] {path.name}"[:24]))
+        except (NapariWarpError, ValueError) as exc:
+            failed += 1
+            print(f"napari-warp: {path}: {exc}" if not str(exc).startswith(str(path)) else f"napari-warp: {exc}",
+                  file=sys.stderr)
+            continue
+        fit = result["fit"]
+        phase = f", phase shift {fit.phase_shift:.1f}°" if args.phase else ""
+        print(f"{path.name}: defocus {fit.defocus / 1e4:.4f} µm (local {fit.defocus_map((16, 16)).min() / 1e4:.4f}–"
+              f"{fit.defocus_map((16, 16)).max() / 1e4:.4f}), astigmatism {fit.astigmatism:.0f} Å at "
+              f"{fit.angle:.1f}°{phase}, fit resolution {fit.fit_resolution:.2f} Å, {result['seconds']:.1f} s "
+              f"-> {result['xml']}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="napari-warp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,10 +304,30 @@ def main(argv: list[str] | None = None) -> int:
     motion.add_argument("--skip-last", type=int, help="frames to leave out at the end")
     motion.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: CUDA when present)")
     _add_movie_options(motion)
+
+    ctf = sub.add_parser("ctf", help="fit the CTF with local defocus (movies from their frames, or micrographs)")
+    ctf.add_argument("inputs", type=Path, nargs="+", help="movies or micrographs (MRC/MRCS, TIFF, EER, EM)")
+    ctf.add_argument("--out", type=Path, required=True, help="processing folder (item XMLs)")
+    ctf.add_argument("--from-average", action="store_true",
+                     help="fit the aligned average that 'napari-warp motion' wrote into --out")
+    ctf.add_argument("--voltage", type=float, default=300.0, help="kV (default 300)")
+    ctf.add_argument("--cs", type=float, default=2.7, help="spherical aberration in mm (default 2.7)")
+    ctf.add_argument("--amplitude", type=float, default=0.07, help="amplitude contrast (default 0.07)")
+    ctf.add_argument("--window", type=int, default=512, help="spectrum/patch size in px (default 512)")
+    ctf.add_argument("--range", type=_range, default=None,
+                     help="fit range LOW:HIGH in Å (default 0.1–0.6 of Nyquist, e.g. 20:3.3 at 1 Å/px)")
+    ctf.add_argument("--defocus", type=_range, default=(0.3, 5.0), help="defocus search range in µm (default 0.3:5)")
+    ctf.add_argument("--grid", type=lambda s: tuple(int(v) for v in s.lower().split("x"))[::-1], default=(5, 5),
+                     help="local defocus grid XxY (default 5x5; 2x2 = plane, 1x1 = global)")
+    ctf.add_argument("--phase", action="store_true", help="fit a phase shift (Volta phase plate)")
+    ctf.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: CUDA when present)")
+    _add_movie_options(ctf)
     args = parser.parse_args(argv)
 
     if args.command == "motion":
         return run_motion(args)
+    if args.command == "ctf":
+        return run_ctf(args)
 
     if args.command == "demo":
         from .core.errors import NapariWarpError

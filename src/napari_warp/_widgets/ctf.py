@@ -240,21 +240,7 @@ class CTFWidget(Container):
             return {"fit": fit_ctf(frames, settings, progress=self._report)}
 
         def done(result):
-            fit = result["fit"]
-            self.last_fit = fit
-            self._fit_source = layer
-            self._fit_ps = settings.pixel_size
-            self._sum_cache = (None, None)
-            if layer in self._viewer.layers:
-                self._add_overlay(fit, layer)
-            self._show_fit(fit)
-            saved = f" Saved to {result['xml']}." if result.get("xml") else ""
-            self.status.value = (
-                f"{layer.name}: defocus {fit.defocus / 1e4:.3f} µm, astigmatism {fit.astigmatism:.0f} Å, "
-                f"fit to {fit.fit_resolution:.2f} Å.{saved}"
-            )
-            if self.show_deconvolved.value:
-                self.update_deconvolution()
+            self.show_result(result["fit"], layer, result.get("xml"))
 
         def failed(exc):
             from ..core.errors import Cancelled
@@ -276,6 +262,26 @@ class CTFWidget(Container):
     def cancel(self, *_):
         self._cancel = True
         self.status.value = "Cancelling …"
+
+    def show_result(self, fit, layer, xml=None):
+        """Show a CTF fit of ``layer``'s data (fitted here, or loaded from an item): overlay, inspector, status."""
+        self.last_fit = fit
+        self._fit_source = layer
+        from .._layers import layer_pixel_size
+
+        # the Å/px of the layer's data (a display-binned average differs from the fitted sampling)
+        self._fit_ps = layer_pixel_size(layer) or fit.settings.pixel_size
+        self._sum_cache = (None, None)
+        if layer in self._viewer.layers:
+            self._add_overlay(fit, layer)
+        self._show_fit(fit)
+        saved = f" Saved to {xml}." if xml else ""
+        self.status.value = (
+            f"{layer.name}: defocus {fit.defocus / 1e4:.3f} µm, astigmatism {fit.astigmatism:.0f} Å, "
+            f"fit to {fit.fit_resolution:.2f} Å.{saved}"
+        )
+        if self.show_deconvolved.value:
+            self.update_deconvolution()
 
     # -- results -------------------------------------------------------------------------------------------------
     def _add_overlay(self, fit, layer):

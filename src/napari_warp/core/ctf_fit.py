@@ -359,11 +359,6 @@ def _patch_level(vals: torch.Tensor, mean: torch.Tensor, weight: torch.Tensor) -
     return (vals * weight).sum(-1, keepdim=True) / (mean * weight).sum().clamp(min=1e-30)
 
 
-def _smooth_abs(x: torch.Tensor) -> torch.Tensor:
-    """|x| with a rounded kink (keeps L-BFGS gradients defined at the CTF zeros)."""
-    return torch.sqrt(x * x + 1e-4)
-
-
 def _wnorm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Weighted mean 0 / std 1 along the last axis (weights ``w`` broadcast)."""
     ws = w.sum(-1, keepdim=True).clamp(min=1e-12)
@@ -489,7 +484,7 @@ def fit_resolution(frequencies: np.ndarray, spectrum: np.ndarray, abs_ctf: np.nd
 class _Problem:
     """Everything the cost needs, on the compute device."""
 
-    data: torch.Tensor  # (G, P, K) normalised background-subtracted cell values
+    data: torch.Tensor  # (G, P, K) weight × normalised background-subtracted cell values
     weight: torch.Tensor  # (K,) cell pixel counts
     f2: torch.Tensor  # (K,) 1/Å² at isotropic pixel size
     cos2: torch.Tensor  # (K,)
@@ -509,20 +504,24 @@ def _linear_map(grid_dims: Sequence[int], coords: np.ndarray) -> torch.Tensor:
     return torch.stack([CubicGrid(eye[i]).evaluate(c) for i in range(n)], -1)
 
 
-def _model(prob: _Problem, optics: _Optics, nodes_um, astig_um, phase_rad) -> torch.Tensor:
-    """``|CTF|·E`` per (group, patch, cell): ``(G, P, K)``."""
-    d = (prob.grid_map @ nodes_um) * 1e4  # (P,)
-    a = 0.5e4 * (astig_um[0] * prob.cos2 + astig_um[1] * prob.sin2)  # (K,)
-    ph = prob.phase_map @ phase_rad  # (G,)
+def _cost(prob: _Problem, optics: _Optics, nodes_um, astig_um, phase_rad) -> torch.Tensor:
+    """Minus the mean over (group, patch) of the weighted normalised correlation of ``|CTF|·E`` with the data.
+
+    The data are already normalised (weighted mean 0), so the model's mean drops out of the numerator and only its
+    first two moments are needed: three reductions instead of a normalised copy of the ``(G, P, K)`` model.
+    """
+    d = (prob.grid_map @ nodes_um) * 1e4  # (P,) Å
+    a = 0.5e4 * (astig_um[0] * prob.cos2 + astig_um[1] * prob.sin2)  # (K,) Å
     f2 = prob.f2 * prob.aniso
-    chi = optics.k1 * (d[:, None] + a[None]) * f2 - optics.k2 * f2 * f2 + optics.amp  # (P, K)
-    chi = chi[None] + ph[:, None, None]
-    return _smooth_abs(torch.sin(chi)) * prob.envelope
-
-
-def _cost(prob, optics, nodes_um, astig_um, phase_rad) -> torch.Tensor:
-    m = _wnorm(_model(prob, optics, nodes_um, astig_um, phase_rad), prob.weight)
-    return -(m * prob.data * prob.weight).sum(-1).mean() / prob.weight.sum()
+    chi = torch.addcmul(-optics.k2 * f2 * f2 + optics.amp, d[:, None] + a[None], optics.k1 * f2)  # (P, K)
+    chi = chi[None] + (prob.phase_map @ phase_rad)[:, None, None]  # (G, P, K)
+    s2 = torch.sin(chi).square() + 1e-4  # smooth |sin χ|² (keeps gradients defined at the zeros)
+    m = torch.sqrt(s2) * prob.envelope
+    w_total = prob.weight.sum()
+    mean = (m @ prob.weight) / w_total  # (G, P)
+    second = (s2 @ (prob.weight * prob.envelope.square())) / w_total
+    cov = (m * prob.data).sum(-1) / w_total  # data holds weight · normalised values
+    return -(cov / torch.sqrt((second - mean.square()).clamp(min=1e-20))).mean()
 
 
 def _lbfgs(prob, optics, nodes_um, astig_um, phase_rad, fit_phase: bool, max_iter: int = 60):
@@ -605,7 +604,10 @@ def _robust_plane(centres_a: np.ndarray, values: np.ndarray, weights: np.ndarray
         coef = np.linalg.lstsq(a[keep] * w[:, None], values[keep] * w, rcond=None)[0]
         res = values - a @ coef
         mad = 1.4826 * np.median(np.abs(res[keep] - np.median(res[keep]))) + 1e-9
-        keep = np.abs(res) < 3 * mad + 1.0
+        new_keep = np.abs(res) < 3 * mad + 1.0
+        if new_keep.sum() < min(len(values), 4):  # too few left for a plane: keep what we had
+            break
+        keep = new_keep
     return coef
 
 
@@ -730,7 +732,7 @@ def fit_ctf(frames, settings: CTFSettings, *, device=None, progress: Progress | 
         vals = cell_vals[..., kidx]
         level = _patch_level(vals, mean_cells[kidx], cnt[kidx])
         data = _wnorm(vals - b * level, cnt[kidx])
-        return _Problem(data, cnt[kidx], f2_k, cos2, sin2, aniso, e, grid_map, phase_map)
+        return _Problem(data * cnt[kidx], cnt[kidx], f2_k, cos2, sin2, aniso, e, grid_map, phase_map)
 
     def abs_ctf_1d(radii, defocus, phase_deg):
         f2 = (np.asarray(radii) / (window * px)) ** 2
@@ -754,7 +756,7 @@ def fit_ctf(frames, settings: CTFSettings, *, device=None, progress: Progress | 
     background, envelope = _background_envelope(
         r_axis, rescaled_raw, lambda rr: abs_ctf_1d(rr, target, tgt_phase), r0, r1, bg0)
     prob = problem(background, envelope)
-    nodes, astig, phase, corr = _lbfgs(prob, optics, nodes, astig, phase, s.fit_phase)
+    nodes, astig, phase, corr = _lbfgs(prob, optics, nodes, astig, phase, s.fit_phase, max_iter=20)
     tick(n_frames + 5)
 
     # -- results ---------------------------------------------------------------------------------------------------
