@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import cpu_and_date  # noqa: E402
+from _machine import cpu_and_date
 
-from napari_warp.core.ctf_fit import CTFSettings, fit_ctf  # noqa: E402
-from napari_warp.core.io.movie import open_movie  # noqa: E402
-from napari_warp.core.io.mrc_write import write_mrc  # noqa: E402
-from napari_warp.core.simulate import MovieSimulation, simulate_movie  # noqa: E402
+from napari_warp.core.ctf_fit import CTFSettings, fit_ctf
+from napari_warp.core.io.movie import open_movie
+from napari_warp.core.io.mrc_write import write_mrc
+from napari_warp.core.simulate import MovieSimulation, simulate_movie
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "micrographs" / "epu2.9_example.mrc"

@@ -35,6 +35,10 @@ def test_demo_headless(tmp_path, capsys):
         assert (out / rel).is_file(), rel
     # 15 px of drift at 2 e/Å² per frame: a failed or sign-flipped fit is off by several px
     assert summary["motion_rms_error_px"] < 1.0
+    # CTF of the aligned average, against the simulation's defocus plane (512² = one patch: a global fit)
+    assert summary["ctf_defocus_A"] == pytest.approx(summary["true_defocus_A"], rel=0.01)
+    assert summary["ctf_local_defocus_rms_error_A"] < 0.02 * summary["true_defocus_A"]
+    assert (out / "processing" / "powerspectrum" / "movie.mrc").is_file()
     assert "results in" in capsys.readouterr().out
 
 
@@ -121,3 +125,33 @@ def test_motion_cli_reports_unreadable_movie(tmp_path, capsys):
     assert main(["motion", str(bad), "--exposure", "1", "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "bad.mrc" in err and "Traceback" not in err
+
+
+def test_ctf_cli_fits_micrographs_and_reports_bad_ones(tmp_path, capsys):
+    from napari_warp.core.io.mrc_write import write_mrc
+    from napari_warp.core.io.warp_xml import read_warp_xml
+    from napari_warp.core.simulate import MovieSimulation, simulate_movie
+
+    sim = simulate_movie(MovieSimulation(shape=(768, 768), n_frames=2, pixel_size=1.2, defocus=18000.0,
+                                         astigmatism=500.0, astigmatism_angle=-40.0, drift=0.0, local_amplitude=0.0,
+                                         dose_per_frame=20.0, seed=8))
+    good = tmp_path / "mic.mrc"
+    write_mrc(good, sim.frames.sum(0).astype(np.float32), pixel_size=1.2)
+    bad = tmp_path / "broken.mrc"
+    bad.write_bytes(b"not an mrc file")
+    out = tmp_path / "proc"
+    code = main(["ctf", str(good), str(bad), "--out", str(out), "--range", "25:3.5", "--grid", "2x2"])
+    assert code == 1  # one input failed, the other was processed
+    err = capsys.readouterr().err
+    assert "broken.mrc" in err
+    meta = read_warp_xml(out / "mic.xml")
+    p = meta.get_params("CTF")
+    assert float(p["Defocus"]) == pytest.approx(1.8, rel=0.005)  # µm, Warp's unit
+    assert float(p["DefocusDelta"]) == pytest.approx(0.05, abs=0.008)
+    opts = meta.get_params("OptionsCTF")
+    assert float(opts["range_min"]) == pytest.approx(2 * 1.2 / 25) and float(opts["range_max"]) == pytest.approx(
+        2 * 1.2 / 3.5)
+    assert meta.get_grid("GridCTF").values.shape == (1, 2, 2)
+    # a fit range finer than Nyquist is refused with the numbers in the message
+    assert main(["ctf", str(good), "--out", str(out), "--range", "25:2"]) == 1
+    assert "finer than Nyquist" in capsys.readouterr().err

@@ -203,13 +203,16 @@ def test_xml_round_trip(small_fit, tmp_path):
     yx = _field(fit.shape)
     np.testing.assert_allclose(again.defocus_at(yx), fit.defocus_at(yx), rtol=1e-6)
     assert again.angle == pytest.approx(fit.angle)
+    assert again.score == pytest.approx(fit.score, abs=1e-5)
     np.testing.assert_allclose(again.rescaled, fit.rescaled, rtol=1e-5, atol=1e-6 * np.abs(fit.rescaled).max())
 
 
 def test_display_image(small_fit):
     fit, _ = small_fit
-    img = ctf_display_image(fit)
     w = fit.window
+    cropped = ctf_display_image(fit)
+    assert cropped.shape == (2 * round(0.69 * w / 2),) * 2  # 15 % beyond the 0.6-Nyquist fit range
+    img = ctf_display_image(fit, extent=1.0)
     assert img.shape == (w, w) and 0.0 <= img.min() and img.max() <= 1.0
     # the right half is the simulated |CTF|: its ring radii match the fitted defocus
     sim = np.fft.fftshift(np.abs(ctf_2d(fit.ctf, (w, w), rfft=False, dtype=torch.float64).numpy()))

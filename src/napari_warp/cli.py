@@ -34,10 +34,10 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
     import numpy as np
 
     from ._layers import track_positions
+    from .core.ctf_fit import CTFSettings
     from .core.demo import demo_simulation, inspect_movie
     from .core.io.movie import open_movie, write_mrc
     from .core.io.star import write_coordinates
-    from .core.ctf_fit import CTFSettings
     from .core.item import run_ctf_step, run_motion_step
     from .core.motion import MotionSettings
     from .core.simulate import simulate_movie
@@ -84,7 +84,7 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
         "voltage_kV": movie.voltage,
         "exposure_e_per_A2": movie.exposure,
         "true_defocus_A": float(sim.truth.ctf.defocus),
-        "true_particles": int(len(sim.truth.particles)),
+        "true_particles": len(sim.truth.particles),
         "particle_diameter_A": float(sim.truth.particle_diameter),
         "true_mean_drift_A": round(total_drift_px * movie.pixel_size, 2),
         "motion_rms_error_px": round(float(np.sqrt((error**2).sum(-1).mean())), 3),
@@ -155,6 +155,9 @@ def demo_viewer(out: Path, viewer=None, display_pixel_size: float = 4.0):
         dock.show_result(fit, aligned_layer)
     viewer.layers.selection.active = aligned_layer
     viewer.reset_view()
+    from qtpy.QtCore import QTimer
+
+    QTimer.singleShot(0, viewer.reset_view)  # again once the docks have taken their width from the canvas
     return viewer
 
 
@@ -241,8 +244,8 @@ def run_ctf(args) -> int:
     """``napari-warp ctf``: per movie (fitted from its frames) or micrograph, fit the local CTF into the item XML."""
     from .core.ctf_fit import CTFSettings
     from .core.errors import NapariWarpError
-    from .core.item import item_paths, run_ctf_step
     from .core.io.movie import read_volume
+    from .core.item import item_paths, run_ctf_step
 
     failed = 0
     for i, path in enumerate(args.inputs, 1):
@@ -258,13 +261,9 @@ def run_ctf(args) -> int:
                 frames, ps = movie.to_dask(), movie.pixel_size
             if ps is None:
                 raise NapariWarpError(f"{path}: no pixel size in the header; give --angpix")
-            fit_range = {}
-            if args.range is not None:  # Å -> fractions of Nyquist of this input's sampling
-                fit_range = {"range_min": 2 * ps / args.range[0], "range_max": min(1.0, 2 * ps / args.range[1])}
-            settings = CTFSettings(
-                pixel_size=ps, voltage=args.voltage, cs=args.cs, amplitude=args.amplitude, window=args.window,
-                **fit_range, defocus_min=args.defocus[0] * 1e4, defocus_max=args.defocus[1] * 1e4, fit_phase=args.phase,
-                grid=args.grid,
+            settings = CTFSettings.from_user_units(
+                ps, fit_range=args.range, defocus_range=args.defocus, voltage=args.voltage, cs=args.cs,
+                amplitude=args.amplitude, window=args.window, fit_phase=args.phase, grid=args.grid,
             )
             result = run_ctf_step(frames, settings, args.out, path, device=args.device,
                                   progress=_progress(f"[{i}/{len(args.inputs)}] {path.name}"[:24]))

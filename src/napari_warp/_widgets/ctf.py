@@ -172,24 +172,17 @@ class CTFWidget(Container):
         from ..core.ctf_fit import CTFSettings
 
         ps = float(self.pixel_size.value)
-        low, high = float(self.range_low.value), float(self.range_high.value)
-        nyquist = 2 * ps
-        if low <= high:
-            raise ValueError(
-                f"Fit range: 'from' ({low:.3g} Å) must be a coarser (larger) resolution than 'to' ({high:.3g} Å).")
-        if high < nyquist - 1e-9:
-            raise ValueError(
-                f"Fit range: 'to' ({high:.3g} Å) is finer than Nyquist ({nyquist:.3g} Å at {ps:.4g} Å/px).")
-        dmin, dmax = float(self.defocus_min.value), float(self.defocus_max.value)
-        if not 0 < dmin < dmax:
-            raise ValueError(f"Defocus search: need 0 < min < max, got {dmin:g}–{dmax:g} µm.")
-        return CTFSettings(
-            pixel_size=ps, voltage=float(self.voltage.value), cs=float(self.cs.value),
-            amplitude=float(self.amplitude.value), window=int(self.window.value),
-            range_min=min(1.0, nyquist / low), range_max=min(1.0, nyquist / high),
-            defocus_min=dmin * 1e4, defocus_max=dmax * 1e4, fit_phase=bool(self.fit_phase.value),
-            grid=parse_ctf_grid(self.grid.value),
-        )
+        try:
+            return CTFSettings.from_user_units(
+                ps, fit_range=(self.range_low.value, self.range_high.value),
+                defocus_range=(self.defocus_min.value, self.defocus_max.value),
+                voltage=float(self.voltage.value), cs=float(self.cs.value), amplitude=float(self.amplitude.value),
+                window=int(self.window.value), fit_phase=bool(self.fit_phase.value),
+                grid=parse_ctf_grid(self.grid.value),
+            )
+        except ValueError as exc:  # the status line starts a sentence
+            msg = str(exc)
+            raise ValueError(msg[:1].upper() + msg[1:] + ".") from None
 
     # -- fit -----------------------------------------------------------------------------------------------------
     def _report(self, done: int, total: int) -> None:
@@ -394,8 +387,9 @@ class CTFWidget(Container):
         # (a) 2D spectrum: data | fit
         ax = fig.add_subplot(gs[0])
         if fit.spectrum_2d is not None:
-            ax.imshow(ctf_display_image(fit), cmap="gray", vmin=0, vmax=1, interpolation="antialiased")
-            ax.axvline(fit.window / 2 - 0.5, color=c["accent"], lw=0.8)
+            shown = ctf_display_image(fit)
+            ax.imshow(shown, cmap="gray", vmin=0, vmax=1, interpolation="antialiased")
+            ax.axvline(shown.shape[1] / 2 - 0.5, color=c["accent"], lw=0.8)
             ax.set_title("2D spectrum:  data  |  fit", pad=3)
         else:
             ax.text(0.5, 0.5, "no 2D spectrum stored", ha="center", va="center", color=text, transform=ax.transAxes)

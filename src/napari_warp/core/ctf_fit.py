@@ -96,6 +96,28 @@ class CTFSettings:
             raise ValueError(f"window must be >= 64 px, got {self.window}")
         object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
 
+    @classmethod
+    def from_user_units(cls, pixel_size: float, fit_range: tuple[float, float] | None = None,
+                        defocus_range: tuple[float, float] | None = None, **kwargs) -> CTFSettings:
+        """Settings from what a user types: ``fit_range`` (low, high) resolution in Å (None: 0.1–0.6 of Nyquist)
+        and ``defocus_range`` (min, max) in µm (None: 0.3–5); other fields as keywords. Errors name the values."""
+        if fit_range is not None:
+            low, high = (float(v) for v in fit_range)
+            nyquist = 2 * pixel_size
+            if low <= high:
+                raise ValueError(f"fit range: 'from' ({low:.3g} Å) must be a coarser (larger) resolution than "
+                                 f"'to' ({high:.3g} Å)")
+            if high < nyquist - 1e-9:
+                raise ValueError(f"fit range: 'to' ({high:.3g} Å) is finer than Nyquist ({nyquist:.3g} Å at "
+                                 f"{pixel_size:.4g} Å/px)")
+            kwargs.update(range_min=min(1.0, nyquist / low), range_max=min(1.0, nyquist / high))
+        if defocus_range is not None:
+            dmin, dmax = (float(v) for v in defocus_range)
+            if not 0 < dmin < dmax:
+                raise ValueError(f"defocus search: need 0 < min < max, got {dmin:g}–{dmax:g} µm")
+            kwargs.update(defocus_min=dmin * 1e4, defocus_max=dmax * 1e4)
+        return cls(pixel_size=pixel_size, **kwargs)
+
     def range_angstrom(self) -> tuple[float, float]:
         """The fit range as resolutions in Å (low, high), as shown to users."""
         return 2 * self.pixel_size / self.range_min, 2 * self.pixel_size / self.range_max
@@ -855,10 +877,12 @@ def _rescaled(cell_vals: torch.Tensor, cells: _Cells, patch_defocus: np.ndarray,
 # ---------------------------------------------------------------------------------------------------------------
 # display and persistence
 # ---------------------------------------------------------------------------------------------------------------
-def ctf_display_image(fit: CTFFit) -> np.ndarray:
+def ctf_display_image(fit: CTFFit, extent: float | None = None) -> np.ndarray:
     """Warp's spectrum view ``(W, W)`` float32, DC at the centre: the left half is the background-subtracted mean
-    patch spectrum divided by the envelope, the right half the fitted 2D ``|CTF|`` (global astigmatism, mean
-    defocus), both scaled to about [0, 1] so the rings can be compared across the seam."""
+    patch spectrum (smoothed by 1 px, standardised per 1 px shell), the right half the fitted 2D ``|CTF|`` (global
+    astigmatism, mean defocus), both in [0, 1] so the rings can be compared across the seam. ``extent``: the
+    central part returned, as a fraction of Nyquist (default: 15 % beyond the fit range, where the rings that
+    matter are; 1 = the whole ``(W, W)`` spectrum)."""
     if fit.spectrum_2d is None:
         raise ValueError("this CTF fit has no 2D spectrum (fit with keep_spectrum=True or load it from the item)")
     w = fit.window
@@ -872,17 +896,25 @@ def ctf_display_image(fit: CTFFit) -> np.ndarray:
     yy, xx = torch.meshgrid(torch.arange(w) - w // 2, torch.arange(w) - w // 2, indexing="ij")
     r = torch.sqrt((yy * yy + xx * xx).double())
     r_axis = np.arange(len(fit.background), dtype=np.float64)
-    b = torch.as_tensor(np.interp(r.numpy(), r_axis, fit.background))
-    e = torch.as_tensor(np.interp(r.numpy(), r_axis, fit.envelope))
-    data = ((full - b) / e).numpy()
-    ring = (r.numpy() >= fit.settings.range_min * w / 2) & (r.numpy() <= w / 2)
-    lo, hi = np.percentile(data[ring], [2, 99.5]) if ring.any() else (data.min(), data.max())
-    data = np.clip((data - lo) / max(hi - lo, 1e-12), 0, 1)
+    rr = r.numpy()
+    data = full.numpy() - np.interp(rr, r_axis, fit.background)
+    # light smoothing (σ = 1 px) and per-shell standardisation: rings stand out at every radius, as Warp shows them
+    from scipy.ndimage import gaussian_filter
+
+    data = gaussian_filter(data, 1.0)
+    shell = np.minimum(np.round(rr).astype(np.int64), w // 2)
+    count = np.bincount(shell.ravel(), minlength=w // 2 + 1).clip(min=1)
+    mean = np.bincount(shell.ravel(), data.ravel(), w // 2 + 1) / count
+    var = np.bincount(shell.ravel(), (data * data).ravel(), w // 2 + 1) / count - mean**2
+    z = (data - mean[shell]) / np.sqrt(np.clip(var, 1e-30, None))[shell]
+    data = np.clip((z + 2.0) / 4.5, 0, 1)
     sim = torch.fft.fftshift(torch.abs(ctf_2d(fit.ctf, (w, w), rfft=False, dtype=torch.float64))).numpy()
     out = data.copy()
     out[:, w // 2 :] = sim[:, w // 2 :]
-    out[r.numpy() < fit.settings.range_min * w / 4] = 0.0  # hide the DC spike
-    return out.astype(np.float32)
+    out[rr < fit.settings.range_min * w / 4] = 0.0  # hide the DC spike
+    extent = min(1.0, 1.15 * fit.settings.range_max) if extent is None else float(extent)
+    half = max(8, min(w // 2, round(extent * w / 2)))
+    return out[w // 2 - half : w // 2 + half, w // 2 - half : w // 2 + half].astype(np.float32)
 
 
 def ctf_to_xml(meta, fit: CTFFit) -> None:
@@ -907,6 +939,7 @@ def ctf_to_xml(meta, fit: CTFFit) -> None:
     meta.set_points("SimulatedBackground", np.stack([x, fit.background], 1))
     meta.set_points("SimulatedScale", np.stack([x, fit.envelope], 1))
     meta.set_attr("CTFResolutionEstimate", round(float(fit.fit_resolution), 3))
+    meta.set_attr("CTFScore", round(float(fit.score), 5))
     meta.set_attr("CTFShape", f"{fit.shape[1]},{fit.shape[0]}")
     meta.set_attr("CTFWindow", int(fit.window))
 
@@ -943,6 +976,7 @@ def ctf_from_xml(meta, settings: CTFSettings | None = None, spectrum_2d: np.ndar
         phase_nodes=np.asarray(phase, np.float64), fit_resolution=meta.get_float("CTFResolutionEstimate", np.nan),
         frequencies=x / settings.pixel_size, spectrum=pts("PS1DRaw"), background=pts("SimulatedBackground"),
         envelope=pts("SimulatedScale"), rescaled=ps1d[:, 1], simulated=np.zeros(len(x)), spectrum_2d=spectrum_2d,
+        score=meta.get_float("CTFScore", float("nan")),
     )
     r = x * window
     f2 = (r / (window * settings.pixel_size)) ** 2
