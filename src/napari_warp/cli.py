@@ -281,6 +281,124 @@ def run_ctf(args) -> int:
     return 1 if failed else 0
 
 
+def _session_settings(args):
+    """The folder's settings (or defaults), with the command line's options and ``--set`` applied and saved."""
+    from dataclasses import replace
+
+    from .core.session import (
+        SessionSettings,
+        apply_overrides,
+        load_settings,
+        save_settings,
+    )
+
+    out = args.out or args.folder
+    settings = load_settings(out) or SessionSettings(input=str(args.folder))
+    settings = replace(settings, input=str(args.folder))
+    sets = list(args.set or [])
+    for flag, key in (("angpix", "movie.pixel_size"), ("exposure", "movie.exposure"), ("gain", "movie.gain")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            sets.insert(0, f"{key}={Path(value).resolve() if flag == 'gain' else value}")
+    if getattr(args, "pattern", None):
+        sets.insert(0, f"session.pattern={args.pattern}")
+    if getattr(args, "recursive", False):
+        sets.insert(0, "session.recursive=true")
+    settings = apply_overrides(settings, sets)
+    if sets or not (Path(out) / "napari-warp.settings.toml").exists():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        save_settings(out, settings)
+    return settings, Path(out)
+
+
+def _client(address: str | None):
+    if not address:
+        return None
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise SystemExit("napari-warp: --dask needs dask.distributed (pip install 'napari-warp[dask]')") from None
+    if address == "local":
+        return Client(LocalCluster(n_workers=1, threads_per_worker=1, processes=True))
+    return Client(address)
+
+
+def run_process(args) -> int:
+    """``napari-warp process``: the online session over a folder (``--once`` or ``--watch``)."""
+    from .core.errors import NapariWarpError
+    from .core.session import Session
+
+    try:
+        settings, out = _session_settings(args)
+    except (ValueError, NapariWarpError) as exc:
+        print(f"napari-warp: {exc}", file=sys.stderr)
+        return 2
+    if not Path(args.folder).is_dir():
+        print(f"napari-warp: {args.folder} is not a folder", file=sys.stderr)
+        return 2
+
+    def item(rec):
+        if rec["status"] == "failed":
+            print(f"\r{rec['name']}: FAILED: {rec['error']}", file=sys.stderr, flush=True)
+        else:
+            m = rec["metrics"]
+            bits = [f"motion {m['motion']:.2f} Å" if m.get("motion") is not None else None,
+                    f"defocus {m['defocus']:.3f} µm" if m.get("defocus") is not None else None,
+                    f"fit to {m['fit_resolution']:.2f} Å" if m.get("fit_resolution") else None]
+            print(f"\r{rec['name']}: {', '.join(b for b in bits if b)}", flush=True)
+
+    def progress(stats, done, total):
+        lat = stats.latency()
+        line = (f"{done}/{total} items · {stats.done} done, {stats.failed} failed this run · "
+                f"{stats.rate_per_hour():.0f}/h" + (f" · latency {lat:.1f} s" if lat is not None else ""))
+        print(f"\r{line:<90}", end="" if args.watch else "\n", file=sys.stderr, flush=True)
+
+    client = _client(args.dask)
+    session = Session(settings, out, client=client, settle=args.settle, device=args.device, on_item=item,
+                      on_progress=progress)
+    try:
+        stats = session.run(once=not args.watch)
+    except KeyboardInterrupt:
+        stats = session.stats
+        print("\nstopped", file=sys.stderr)
+    finally:
+        if client is not None:
+            client.close()
+    print(f"\n{stats.done} item(s) processed, {stats.failed} failed in this run; settings in "
+          f"{out / 'napari-warp.settings.toml'}", file=sys.stderr)
+    return 0
+
+
+def run_status(args) -> int:
+    """``napari-warp status``: per item its status, error, key metrics and per-step records."""
+    from .core.errors import NapariWarpError
+    from .core.session import SessionSettings, load_settings, session_records
+
+    out = args.out or args.folder
+    try:
+        settings = load_settings(out) or SessionSettings(input=str(args.folder))
+    except NapariWarpError as exc:
+        print(f"napari-warp: {exc}", file=sys.stderr)
+        return 2
+    from dataclasses import replace
+
+    settings = replace(settings, input=str(args.folder))
+    records = session_records(settings, out)
+    if args.json:
+        print(json.dumps(records, indent=1))
+        return 0
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        m = r["metrics"]
+        what = r["error"] or "; ".join(r.get("filter_reasons") or []) or (
+            f"defocus {m['defocus']:.3f} µm, fit to {m['fit_resolution']:.2f} Å" if m.get("defocus") is not None
+            else "")
+        print(f"{r['name']:<32} {r['status']:<12} {what}")
+    print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no items")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="napari-warp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -321,8 +439,34 @@ def main(argv: list[str] | None = None) -> int:
     ctf.add_argument("--phase", action="store_true", help="fit a phase shift (Volta phase plate)")
     ctf.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: CUDA when present)")
     _add_movie_options(ctf)
+
+    proc = sub.add_parser("process", help="online session: process a folder's movies as they arrive")
+    proc.add_argument("folder", type=Path, help="folder the microscope writes movies into")
+    mode = proc.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="process what is ready and exit (default)")
+    mode.add_argument("--watch", action="store_true", help="keep processing as files arrive (Ctrl+C stops)")
+    proc.add_argument("--out", type=Path, help="processing folder (default: the folder itself, as Warp)")
+    proc.add_argument("--angpix", type=float, help="pixel size in Å (default: from the headers)")
+    proc.add_argument("--exposure", type=float, help="dose per frame in e/Å²")
+    proc.add_argument("--gain", type=Path, help="gain reference")
+    proc.add_argument("--pattern", help="file patterns, e.g. '*.tif *.eer'")
+    proc.add_argument("--recursive", action="store_true", help="also look in sub-folders")
+    proc.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                      help="change a setting and keep it in the settings file, e.g. --set ctf.window=384")
+    proc.add_argument("--dask", metavar="ADDRESS", help="a dask scheduler address, or 'local' for a LocalCluster")
+    proc.add_argument("--settle", type=float, default=1.0, help="seconds a file must stay unchanged (default 1)")
+    proc.add_argument("--device", help="torch device (default: CUDA when present)")
+
+    status = sub.add_parser("status", help="per item: status, error, metrics and step records")
+    status.add_argument("folder", type=Path)
+    status.add_argument("--out", type=Path, help="processing folder (default: the folder itself)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
 
+    if args.command == "process":
+        return run_process(args)
+    if args.command == "status":
+        return run_status(args)
     if args.command == "motion":
         return run_motion(args)
     if args.command == "ctf":

@@ -478,7 +478,8 @@ class CorrectedMicrograph:
     (``rlnMicrographMetadata``); pixel_size: Å/px of the average (``rlnMicrographPixelSize``); original_pixel_size:
     Å/px of the movie; voltage kV, cs mm, amplitude_contrast fraction; optics_group_name: None for
     ``opticsGroup<n>``. accum_motion: (total, early, late) px, or None to compute it from the metadata file as
-    RELION does (dose cutoff ``dose_motionstats_cutoff``).
+    RELION does (dose cutoff ``dose_motionstats_cutoff``). ctf: RELION CTF columns (``rlnDefocusU`` ... in RELION's
+    units) to add, as in ``micrographs_ctf.star``; all rows must have the same keys.
     """
 
     micrograph: str | os.PathLike
@@ -490,6 +491,7 @@ class CorrectedMicrograph:
     amplitude_contrast: float = 0.1
     optics_group_name: str | None = None
     accum_motion: tuple[float, float, float] | None = None
+    ctf: Mapping | None = None
 
 
 def _optics_key(r: CorrectedMicrograph) -> tuple:
@@ -548,5 +550,12 @@ def write_corrected_micrographs_star(
         "rlnAccumMotionEarly": accum[:, 1],
         "rlnAccumMotionLate": accum[:, 2],
     })
+    ctf_keys = [tuple(r.ctf) if r.ctf else () for r in rows]
+    if any(ctf_keys):
+        if len(set(ctf_keys)) != 1:
+            raise ValueError("either all micrographs carry the same CTF columns or none do")
+        for key in ctf_keys[0]:
+            values = [r.ctf[key] for r in rows]
+            micrographs[key] = [_star_path(v, root) if key == "rlnCtfPowerSpectrum" else v for v in values]
     write_star(path, {"optics": optics, "micrographs": micrographs})
     return micrographs

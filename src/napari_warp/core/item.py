@@ -97,6 +97,7 @@ def run_motion_step(
     *,
     stack: bool = False,
     gain_path: str | Path | None = None,
+    frames=None,
     device=None,
     progress: Progress | None = None,
 ) -> dict:
@@ -112,7 +113,9 @@ def run_motion_step(
 
     paths = item_paths(folder, movie.path)
     t0 = time.perf_counter()
-    model, result = correct_movie(movie, settings, device=device, progress=progress, halves=True, stack=stack)
+    # frames: the movie already decoded (a session prefetches the next movie while this one is computed)
+    model, result = correct_movie(movie if frames is None else frames, settings, device=device, progress=progress,
+                                  halves=True, stack=stack)
     t_compute = time.perf_counter() - t0
 
     ps = model.pixel_size

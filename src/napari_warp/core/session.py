@@ -1,0 +1,784 @@
+"""Online processing of a folder that grows during collection (the paper's "Online pre-processing").
+
+A session is an input folder (file pattern, optional recursion), one settings file and a processing folder (by
+default the input folder itself, as Warp 1 keeps its ``average/``, ``<name>.xml`` ... beside the movies). Items are
+discovered as files arrive; a file is *ready* once its size and modification time have not changed for
+``settle`` seconds (default 1 s), so a file still being written is never read.
+
+Per item the Warp XML (``core.item``) records, for each step, the exact settings used (``<OptionsMovement>``,
+``<OptionsCTF>``) and a *key*: a hash of those settings, the movie options that shape the input, and the upstream
+step's key. A step is outdated exactly when its stored key differs from the key the current settings give, so a
+motion change re-runs motion and everything after it, a CTF change re-runs only CTF (when CTF is fitted from the
+aligned average; from the raw frames it does not depend on motion). Up-to-date steps are never redone; the XML is
+written after each step, atomically, so a crash (even ``kill -9``) loses at most the step in flight.
+
+Statuses: ``unprocessed``, ``processing`` (only known to the process doing it), ``processed``, ``outdated``,
+``failed`` (with the reason; retried only when the file or the settings change), ``filtered`` (fails a quality
+filter) and ``deselected`` (manually excluded; a manual include overrides the filters, as Warp's
+``UnselectManual``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import tomllib
+
+from .ctf_fit import CTFSettings
+from .errors import NapariWarpError
+from .io.atomic import write_text_atomic
+from .io.warp_xml import WarpMetadata, read_warp_xml
+from .item import (
+    item_paths,
+    load_metadata,
+    run_ctf_step,
+    run_motion_step,
+    settings_params,
+)
+from .motion import MotionSettings
+
+__all__ = [
+    "SETTINGS_FILE",
+    "STEPS",
+    "MovieOptions",
+    "QualityFilters",
+    "SessionSettings",
+    "load_settings",
+    "save_settings",
+    "apply_overrides",
+    "discover",
+    "ReadyTracker",
+    "step_keys",
+    "item_record",
+    "session_records",
+    "process_item",
+    "set_manual",
+    "write_micrograph_list",
+    "Session",
+]
+
+SETTINGS_FILE = "napari-warp.settings.toml"
+STEPS = ("motion", "ctf")
+_PROCESSING_DIRS = {"average", "motion", "powerspectrum", "aligned", "deconvolved"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# settings
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MovieOptions:
+    """How movies are read. pixel_size: Å/px (0 = from the header). exposure: e/Å² per frame. gain/defects: paths
+    ('' = none) with Warp's gain flips/transpose. eer_group: raw EER frames per fraction (0 = the reader's default).
+    binning: Fourier-crop factor on load."""
+
+    pixel_size: float = 0.0
+    exposure: float = 1.0
+    gain: str = ""
+    gain_flip_x: bool = False
+    gain_flip_y: bool = False
+    gain_transpose: bool = False
+    defects: str = ""
+    eer_group: int = 0
+    binning: float = 1.0
+
+
+@dataclass(frozen=True)
+class QualityFilters:
+    """Items outside these ranges are filtered out (0 or an inverted range switches a bound off).
+
+    defocus_min/max: µm. astigmatism_sigma: σ above the session's mean astigmatism. phase_min/max: degrees
+    (only for items with a fitted phase). resolution_max: Å, the CTF fit must reach at least this resolution.
+    motion_max: Å, mean frame-to-frame movement in the first third of the exposure.
+    """
+
+    defocus_min: float = 0.0
+    defocus_max: float = 0.0
+    astigmatism_sigma: float = 0.0
+    phase_min: float = 0.0
+    phase_max: float = 0.0
+    resolution_max: float = 0.0
+    motion_max: float = 0.0
+
+
+def _template_motion() -> MotionSettings:
+    return MotionSettings(pixel_size=1.0, exposure_per_frame=1.0)
+
+
+def _template_ctf() -> CTFSettings:
+    return CTFSettings(pixel_size=1.0)
+
+
+_PER_MOVIE = {"motion": ("pixel_size", "exposure_per_frame"), "ctf": ("pixel_size",)}
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Everything a session needs; the sections are those of the settings file.
+
+    input: the folder watched. pattern: space-separated globs. recursive: also look in sub-folders.
+    ctf_from: "average" (the aligned average; depends on motion) or "frames" (sum of the raw frames' spectra).
+    movie, motion, ctf, filters: the sections. ``motion`` and ``ctf`` are templates: their pixel size and dose are
+    replaced per movie (from ``movie`` or the file header) and are not written to the file.
+    """
+
+    input: str = "."
+    pattern: str = "*.tif *.tiff *.mrc *.mrcs *.eer *.em"
+    recursive: bool = False
+    ctf_from: str = "average"
+    movie: MovieOptions = field(default_factory=MovieOptions)
+    motion: MotionSettings = field(default_factory=_template_motion)
+    ctf: CTFSettings = field(default_factory=_template_ctf)
+    filters: QualityFilters = field(default_factory=QualityFilters)
+
+    def __post_init__(self):
+        if self.ctf_from not in ("average", "frames"):
+            raise ValueError(f"ctf_from must be 'average' or 'frames', got {self.ctf_from!r}")
+
+    def sections(self) -> dict[str, dict]:
+        """The settings as the file's sections (plain values)."""
+        top = {"input": self.input, "pattern": self.pattern, "recursive": self.recursive, "ctf_from": self.ctf_from}
+        out = {"session": top, "movie": dataclasses.asdict(self.movie), "filters": dataclasses.asdict(self.filters)}
+        for name in ("motion", "ctf"):
+            values = {f.name: getattr(getattr(self, name), f.name) for f in fields(getattr(self, name))}
+            for key in _PER_MOVIE[name]:
+                values.pop(key)
+            out[name] = values
+        return out
+
+    def motion_for(self, pixel_size: float) -> MotionSettings:
+        return replace(self.motion, pixel_size=pixel_size, exposure_per_frame=self.movie.exposure)
+
+    def ctf_for(self, pixel_size: float) -> CTFSettings:
+        return replace(self.ctf, pixel_size=pixel_size)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return '"null"'
+    if isinstance(v, (int, float)):
+        return repr(float(v)) if isinstance(v, float) and not math.isfinite(v) else repr(v)
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def _to_toml(sections: dict[str, dict]) -> str:
+    lines = ["# napari-warp session settings (like Warp's previous.settings). Edit freely, or use",
+             "# `napari-warp process FOLDER --set section.key=value`. Lengths in Å unless named otherwise."]
+    for name, values in sections.items():
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _coerce(cls_field, default, value, where: str):
+    """A file/CLI value in the type of the field's default."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, tuple) or (default is None and isinstance(value, (list, tuple, str))
+                                          and cls_field.name in ("grid", "local_grid", "band")):
+            if isinstance(value, str):
+                if value.strip().lower() in ("", "null", "none", "auto"):
+                    return None
+                value = [v for v in value.replace("x", ",").replace("×", ",").split(",") if v.strip()]
+            if value is None or value == "null":
+                return None
+            kind = type(default[0]) if isinstance(default, tuple) and default else float
+            return tuple(kind(v) if kind is not int else int(float(v)) for v in value)
+        if default is None:
+            return None if value in (None, "null", "none", "") else value
+        if isinstance(default, int):
+            return int(float(value))
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {value!r} is not a valid {type(default).__name__}") from None
+
+
+def _build(cls, template, values: dict, section: str):
+    known = {f.name: f for f in fields(cls)}
+    changes = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"[{section}] has no setting {key!r}; known: {', '.join(sorted(known))}")
+        changes[key] = _coerce(known[key], getattr(template, key), value, f"{section}.{key}")
+    return replace(template, **changes)
+
+
+def settings_from_sections(sections: dict[str, dict]) -> SessionSettings:
+    """Inverse of ``SessionSettings.sections`` (unknown sections or keys raise ValueError naming them)."""
+    base = SessionSettings()
+    unknown = set(sections) - {"session", "movie", "motion", "ctf", "filters"}
+    if unknown:
+        raise ValueError(f"unknown settings section(s): {', '.join(sorted(unknown))}")
+    top = dict(sections.get("session", {}))
+    extra = set(top) - {"input", "pattern", "recursive", "ctf_from"}
+    if extra:
+        raise ValueError(f"[session] has no setting(s) {', '.join(sorted(extra))}")
+    out = replace(
+        base,
+        input=str(top.get("input", base.input)),
+        pattern=str(top.get("pattern", base.pattern)),
+        recursive=_coerce(None, False, top.get("recursive", base.recursive), "session.recursive"),
+        ctf_from=str(top.get("ctf_from", base.ctf_from)),
+        movie=_build(MovieOptions, base.movie, sections.get("movie", {}), "movie"),
+        motion=_build(MotionSettings, base.motion, sections.get("motion", {}), "motion"),
+        ctf=_build(CTFSettings, base.ctf, sections.get("ctf", {}), "ctf"),
+        filters=_build(QualityFilters, base.filters, sections.get("filters", {}), "filters"),
+    )
+    return out
+
+
+def load_settings(folder: str | os.PathLike) -> SessionSettings | None:
+    """The session settings stored in ``folder`` (None if there are none)."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.exists():
+        return None
+    try:
+        sections = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise NapariWarpError(f"{path}: not a valid settings file: {exc}") from None
+    try:
+        return settings_from_sections(sections)
+    except ValueError as exc:
+        raise NapariWarpError(f"{path}: {exc}") from None
+
+
+def save_settings(folder: str | os.PathLike, settings: SessionSettings) -> Path:
+    """Write the settings file into ``folder`` (atomically)."""
+    path = Path(folder) / SETTINGS_FILE
+    write_text_atomic(path, _to_toml(settings.sections()))
+    return path
+
+
+def apply_overrides(settings: SessionSettings, assignments: Iterable[str]) -> SessionSettings:
+    """``["ctf.window=384", "movie.exposure=1.2", ...]`` applied to ``settings`` (typed by each field)."""
+    sections = settings.sections()
+    for text in assignments:
+        key, sep, value = text.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--set {text!r}: expected section.key=value, e.g. ctf.window=384")
+        if section not in sections:
+            raise ValueError(f"--set {text!r}: no section {section!r}; sections: {', '.join(sections)}")
+        sections[section][name.strip()] = value.strip()
+    return settings_from_sections(sections)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# discovery
+# ---------------------------------------------------------------------------------------------------------------
+def discover(settings: SessionSettings, folder: str | os.PathLike | None = None) -> list[Path]:
+    """Movie files of the session, in acquisition order (modification time, then name).
+
+    Hidden files (our temporary files start with '.'), the processing folder's own outputs, the gain reference and
+    the defect map are never items.
+    """
+    root = Path(settings.input)
+    skip = {Path(p).resolve() for p in (settings.movie.gain, settings.movie.defects) if p}
+    found: dict[Path, float] = {}
+    for pattern in settings.pattern.split():
+        for p in (root.rglob(pattern) if settings.recursive else root.glob(pattern)):
+            rel = p.relative_to(root).parts
+            if any(part.startswith(".") for part in rel) or any(part in _PROCESSING_DIRS for part in rel[:-1]):
+                continue
+            if not p.is_file() or p.resolve() in skip:
+                continue
+            try:
+                found[p] = p.stat().st_mtime
+            except FileNotFoundError:
+                continue
+    return sorted(found, key=lambda p: (found[p], p.name))
+
+
+class ReadyTracker:
+    """Which files have stopped changing: size and mtime unchanged for ``settle`` seconds (and size > 0)."""
+
+    def __init__(self, settle: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.settle = settle
+        self.clock = clock
+        self._seen: dict[Path, tuple[tuple[int, float], float]] = {}
+
+    def poll(self, paths: Iterable[Path]) -> list[Path]:
+        """Observe ``paths`` now; return those that are ready (in the given order)."""
+        now = self.clock()
+        ready = []
+        for p in paths:
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                self._seen.pop(p, None)
+                continue
+            stamp = (st.st_size, st.st_mtime)
+            old = self._seen.get(p)
+            if old is None or old[0] != stamp:
+                self._seen[p] = (stamp, now)
+                continue
+            if st.st_size > 0 and now - old[1] >= self.settle:
+                ready.append(p)
+        return ready
+
+    def ready_since(self, path: Path) -> float | None:
+        """Clock time from which ``path`` has been unchanged (None if unknown)."""
+        old = self._seen.get(path)
+        return None if old is None else old[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-item state
+# ---------------------------------------------------------------------------------------------------------------
+def _hash(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _movie_input_options(s: SessionSettings) -> dict:
+    m = dataclasses.asdict(s.movie)
+    return m
+
+
+def step_keys(settings: SessionSettings, pixel_size: float) -> dict[str, str]:
+    """The key each step's stored record must have to be up to date, for a movie of ``pixel_size`` Å/px."""
+    movie = _movie_input_options(settings)
+    motion = _hash({"movie": movie, "motion": settings_params(settings.motion_for(pixel_size))})
+    ctf_input = motion if settings.ctf_from == "average" else _hash({"movie": movie})
+    ctf = _hash({"from": settings.ctf_from, "input": ctf_input, "ctf": settings_params(settings.ctf_for(pixel_size))})
+    return {"motion": motion, "ctf": ctf}
+
+
+def _file_stamp(path: Path) -> str:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _attr(meta: WarpMetadata, name: str) -> str | None:
+    v = meta.get_attr(name)
+    return v if v not in (None, "") else None
+
+
+_STEP_ATTRS = {"motion": ("MotionKey", "MotionProcessedAt"), "ctf": ("CTFKey", "CTFProcessedAt")}
+
+
+def _read_meta(folder: Path, movie: Path) -> WarpMetadata | None:
+    paths = item_paths(folder, movie)
+    if not paths.xml.exists():
+        return None
+    try:
+        return read_warp_xml(paths.xml, kinds=("Movie",))
+    except NapariWarpError:
+        return None
+
+
+def _metrics(meta: WarpMetadata) -> dict:
+    out: dict[str, float | None] = {}
+    for key, attr in (("motion", "MeanFrameMovement"), ("max_local_deviation", "MaxLocalDeviation")):
+        v = meta.get_attr(attr)
+        out[key] = float(v) if v not in (None, "") else None
+    if meta.has("CTF"):
+        from .io.warp_xml import ctf_from_params
+
+        p = ctf_from_params(meta.get_params("CTF"))
+        out["defocus"] = p.get("defocus_a", 0.0) / 1e4
+        out["astigmatism"] = p.get("defocus_delta_a")
+        out["astigmatism_angle"] = p.get("defocus_angle_deg")
+        out["phase_shift"] = p.get("phase_shift_deg")
+        out["fit_resolution"] = meta.get_float("CTFResolutionEstimate", None)
+    return out
+
+
+def item_record(folder: str | os.PathLike, movie: str | os.PathLike, settings: SessionSettings) -> dict:
+    """The item's state as ``status`` reports it: ``name``, ``path``, ``status``, ``error``, ``metrics`` (defocus
+    µm, astigmatism Å, phase shift °, fit resolution Å, motion Å), ``steps`` (per step: ``key``, ``completed``,
+    ``up_to_date``), ``manual`` (None, "include" or "exclude"). Filters are applied by ``session_records``."""
+    folder, movie = Path(folder), Path(movie)
+    meta = _read_meta(folder, movie)
+    rec = {"name": item_paths(folder, movie).name, "path": str(movie), "status": "unprocessed", "error": None,
+           "metrics": {}, "steps": {}, "manual": None}
+    if meta is None:
+        return rec
+    manual = _attr(meta, "UnselectManual")
+    rec["manual"] = None if manual is None else ("exclude" if manual.lower() == "true" else "include")
+    rec["metrics"] = _metrics(meta)
+    ps = meta.get_float("PixelSize", None) or settings.movie.pixel_size or 1.0
+    want = step_keys(settings, ps)
+    stale = False
+    for step in STEPS:
+        key_attr, at_attr = _STEP_ATTRS[step]
+        key, at = _attr(meta, key_attr), _attr(meta, at_attr)
+        ok = key is not None and key == want[step]
+        rec["steps"][step] = {"key": key, "completed": at, "up_to_date": ok}
+        stale |= not ok
+    failed = _attr(meta, "FailedReason")
+    if failed is not None:
+        same_file = _attr(meta, "FailedStamp") == _file_stamp(movie)
+        same_settings = _attr(meta, "FailedKey") == _hash(want)
+        if same_file and same_settings:
+            rec["status"], rec["error"] = "failed", failed
+            return rec
+    done_any = any(s["key"] for s in rec["steps"].values())
+    rec["status"] = "outdated" if (stale and done_any) else ("unprocessed" if stale else "processed")
+    return rec
+
+
+def _passes(metrics: dict, f: QualityFilters, astig_stats: tuple[float, float] | None) -> list[str]:
+    """Reasons an item fails the filters (empty: it passes)."""
+    why = []
+
+    def between(name, value, lo, hi, unit):
+        if value is None:
+            return
+        if lo < hi and not (lo <= value <= hi):
+            why.append(f"{name} {value:.3g} {unit} outside {lo:g}–{hi:g}")
+
+    between("defocus", metrics.get("defocus"), f.defocus_min, f.defocus_max, "µm")
+    if metrics.get("phase_shift"):
+        between("phase shift", metrics.get("phase_shift"), f.phase_min, f.phase_max, "°")
+    res = metrics.get("fit_resolution")
+    if f.resolution_max > 0 and res is not None and res > f.resolution_max:
+        why.append(f"fit resolution {res:.2f} Å worse than {f.resolution_max:g} Å")
+    mot = metrics.get("motion")
+    if f.motion_max > 0 and mot is not None and mot > f.motion_max:
+        why.append(f"motion {mot:.2f} Å above {f.motion_max:g} Å")
+    ast = metrics.get("astigmatism")
+    if f.astigmatism_sigma > 0 and ast is not None and astig_stats is not None and astig_stats[1] > 0:
+        z = (ast - astig_stats[0]) / astig_stats[1]
+        if z > f.astigmatism_sigma:
+            why.append(f"astigmatism {ast:.0f} Å is {z:.1f} σ above the session mean")
+    return why
+
+
+def session_records(settings: SessionSettings, folder: str | os.PathLike | None = None,
+                    movies: Sequence[Path] | None = None) -> list[dict]:
+    """Records of all items (``item_record``), with quality filters and manual choices applied: a processed item
+    failing a filter becomes ``filtered`` (``filter_reasons`` says why) unless manually included; a manually
+    excluded one becomes ``deselected``."""
+    folder = Path(folder or settings.input)
+    movies = discover(settings, folder) if movies is None else movies
+    recs = [item_record(folder, m, settings) for m in movies]
+    ast = [r["metrics"].get("astigmatism") for r in recs if r["status"] == "processed"]
+    ast = [a for a in ast if a is not None]
+    stats = (float(np.mean(ast)), float(np.std(ast))) if len(ast) >= 3 else None
+    for r in recs:
+        r["filter_reasons"] = []
+        if r["status"] != "processed":
+            continue
+        if r["manual"] == "exclude":
+            r["status"] = "deselected"
+            continue
+        r["filter_reasons"] = _passes(r["metrics"], settings.filters, stats)
+        if r["filter_reasons"] and r["manual"] != "include":
+            r["status"] = "filtered"
+    return recs
+
+
+def set_manual(folder: str | os.PathLike, movie: str | os.PathLike, choice: str | None) -> None:
+    """Manual include/exclude of an item (``"include"``, ``"exclude"`` or None), Warp's ``UnselectManual``."""
+    paths = item_paths(folder, movie)
+    meta = load_metadata(paths, movie)
+    meta.set_attr("UnselectManual", {"include": "False", "exclude": "True", None: ""}[choice])
+    meta.write(paths.xml)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# processing one item
+# ---------------------------------------------------------------------------------------------------------------
+def _open(movie: Path, settings: SessionSettings):
+    from .io.movie import open_movie
+
+    m = settings.movie
+    return open_movie(
+        movie, gain=m.gain or None, defects=m.defects or None, gain_flip_x=m.gain_flip_x, gain_flip_y=m.gain_flip_y,
+        gain_transpose=m.gain_transpose, binning=m.binning, eer_group=m.eer_group or None,
+        pixel_size=m.pixel_size or None,
+    )
+
+
+def load_frames(movie: str | os.PathLike, settings: SessionSettings, folder: str | os.PathLike | None = None):
+    """Open and decode a movie (the prefetch step): ``(Movie, frames (F, Y, X) float32)``; errors as raised.
+
+    With ``folder``, the frames are left undecoded (``None``) when no outdated step needs them (only a CTF fitted
+    from the aligned average is outdated), so a CTF-only change does not re-read every movie.
+    """
+    mv = _open(Path(movie), settings)
+    if folder is not None:
+        rec = item_record(folder, movie, settings)
+        motion_ok = rec["steps"].get("motion", {}).get("up_to_date", False)
+        if motion_ok and settings.ctf_from == "average":
+            return mv, None
+    return mv, mv.frames()
+
+
+def _mark_failed(folder: Path, movie: Path, settings: SessionSettings, step: str, reason: str, ps: float) -> None:
+    paths = item_paths(folder, movie)
+    try:
+        meta = load_metadata(paths, movie)
+    except NapariWarpError:
+        meta = WarpMetadata.new("Movie", {"DataDirectory": str(movie.parent.resolve())})
+    meta.set_attr("FailedReason", reason)
+    meta.set_attr("FailedStep", step)
+    meta.set_attr("FailedStamp", _file_stamp(movie))
+    meta.set_attr("FailedKey", _hash(step_keys(settings, ps)))
+    meta.write(paths.xml)
+
+
+def _clear_failed(meta: WarpMetadata) -> None:
+    for name in ("FailedReason", "FailedStep", "FailedStamp", "FailedKey"):
+        if meta.get_attr(name) is not None:
+            meta.set_attr(name, "")
+
+
+def process_item(movie: str | os.PathLike, settings: SessionSettings, folder: str | os.PathLike, *,
+                 loaded=None, device=None, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Bring one item up to date: run the outdated steps (motion, then CTF), each followed by an atomic XML write.
+
+    loaded: ``load_frames``' result when prefetched (or an exception it raised). Never raises for a bad movie or a
+    failing step: the item is marked failed with the reason, and its record is returned. Picklable arguments, so
+    a Dask worker can run it.
+    """
+    movie, folder = Path(movie), Path(folder)
+    step = "read"
+    ps = settings.movie.pixel_size or 1.0
+    try:
+        if isinstance(loaded, BaseException):
+            raise loaded
+        mv, frames = loaded if loaded is not None else load_frames(movie, settings, folder)
+        if mv.pixel_size is None:
+            raise NapariWarpError(f"{movie}: no pixel size in the header; set movie.pixel_size")
+        ps = float(mv.pixel_size)
+        want = step_keys(settings, ps)
+        rec = item_record(folder, movie, settings)
+        average = None
+        if not rec["steps"].get("motion", {}).get("up_to_date"):
+            step = "motion"
+            result = run_motion_step(mv, settings.motion_for(ps), folder, frames=frames, device=device,
+                                     progress=progress)
+            average = result["aligned"].average
+            _stamp(folder, movie, "motion", want["motion"], ps)
+        if not item_record(folder, movie, settings)["steps"]["ctf"]["up_to_date"]:
+            step = "ctf"
+            if settings.ctf_from == "average":
+                if average is None:
+                    from .io.movie import read_volume
+
+                    average = read_volume(item_paths(folder, movie).average)[0][0]
+                data = average
+            else:
+                data = frames if frames is not None else mv.frames()
+            run_ctf_step(data, settings.ctf_for(ps), folder, movie, device=device, progress=progress)
+            _stamp(folder, movie, "ctf", want["ctf"], ps)
+    except Exception as exc:  # noqa: BLE001 -- any failure marks the item failed and the session goes on
+        reason = str(exc) if isinstance(exc, NapariWarpError) else f"{step} failed: {type(exc).__name__}: {exc}"
+        _mark_failed(folder, movie, settings, step, reason, ps)
+    return item_record(folder, movie, settings)
+
+
+def _stamp(folder: Path, movie: Path, step: str, key: str, ps: float) -> None:
+    paths = item_paths(folder, movie)
+    meta = load_metadata(paths, movie)
+    key_attr, at_attr = _STEP_ATTRS[step]
+    meta.set_attr(key_attr, key)
+    meta.set_attr(at_attr, time.strftime("%Y-%m-%dT%H:%M:%S") + f".{time.time_ns() % 1_000_000_000:09d}")
+    meta.set_attr("PixelSize", ps)
+    _clear_failed(meta)
+    meta.write(paths.xml)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the session-wide outputs
+# ---------------------------------------------------------------------------------------------------------------
+def write_micrograph_list(settings: SessionSettings, folder: str | os.PathLike, records: Sequence[dict]) -> Path | None:
+    """``micrographs_ctf.star`` (RELION 3.1, optics table) of the items that pass, rewritten atomically."""
+    from .export import CorrectedMicrograph, write_corrected_micrographs_star
+
+    folder = Path(folder)
+    rows = []
+    for r in records:
+        if r["status"] != "processed":
+            continue
+        paths = item_paths(folder, r["path"])
+        meta = _read_meta(folder, Path(r["path"]))
+        if meta is None or not paths.average.exists():
+            continue
+        from .io.warp_xml import ctf_from_params
+
+        p = ctf_from_params(meta.get_params("CTF")) if meta.has("CTF") else {}
+        ps = meta.get_float("PixelSize", None) or 1.0
+        ctf = None
+        if p:
+            d, a = p["defocus_a"], p.get("defocus_delta_a", 0.0)
+            ctf = {"rlnDefocusU": d + a / 2, "rlnDefocusV": d - a / 2, "rlnCtfAstigmatism": a,
+                   "rlnDefocusAngle": p.get("defocus_angle_deg", 0.0), "rlnPhaseShift": p.get("phase_shift_deg", 0.0),
+                   "rlnCtfMaxResolution": meta.get_float("CTFResolutionEstimate", 0.0) or 0.0,
+                   "rlnCtfFigureOfMerit": meta.get_float("CTFScore", 0.0) or 0.0,
+                   "rlnCtfPowerSpectrum": str(paths.power_spectrum.resolve())}
+        rows.append(CorrectedMicrograph(
+            micrograph=paths.average.resolve(), metadata=paths.motion_star.resolve(), pixel_size=ps,
+            original_pixel_size=ps / max(settings.movie.binning, 1e-9), voltage=settings.ctf.voltage,
+            cs=settings.ctf.cs, amplitude_contrast=settings.ctf.amplitude, ctf=ctf,
+        ))
+    path = folder / "micrographs_ctf.star"
+    if not rows:
+        return None
+    write_corrected_micrographs_star(path, rows, project_dir=folder)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class SessionStats:
+    """What the loop has done: items done/failed this run, per-item latency from ready to processed (s)."""
+
+    done: int = 0
+    failed: int = 0
+    started: float = field(default_factory=time.monotonic)
+    latencies: list[float] = field(default_factory=list)
+
+    def rate_per_hour(self) -> float:
+        dt = time.monotonic() - self.started
+        return 3600.0 * self.done / dt if dt > 0 else 0.0
+
+    def latency(self, q: float = 50.0) -> float | None:
+        return float(np.percentile(self.latencies, q)) if self.latencies else None
+
+
+class Session:
+    """The online loop over a folder. ``run(once=True)`` processes what is ready and returns; ``run(once=False)``
+    keeps watching until ``stop()``. Work goes to ``client`` (a ``dask.distributed.Client``) when given, else it
+    runs here with the next movie prefetched (decoded) in a thread while the current one is computed."""
+
+    def __init__(self, settings: SessionSettings, folder: str | os.PathLike | None = None, *, client=None,
+                 settle: float = 1.0, poll: float = 1.0, device=None,
+                 on_item: Callable[[dict], None] | None = None,
+                 on_progress: Callable[[SessionStats, int, int], None] | None = None):
+        self.settings = settings
+        self.folder = Path(folder or settings.input)
+        self.client = client
+        self.tracker = ReadyTracker(settle)
+        self.poll = poll
+        self.device = device
+        self.on_item = on_item
+        self.on_progress = on_progress
+        self.stats = SessionStats()
+        self.current: Path | None = None
+        self._stop = threading.Event()
+        self._records: dict[Path, tuple] = {}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def record(self, movie: Path) -> dict:
+        """``item_record``, re-read only when the item's XML (or the movie file) changed."""
+        xml = item_paths(self.folder, movie).xml
+        try:
+            stamp = (xml.stat().st_mtime_ns, _file_stamp(movie))
+        except FileNotFoundError:
+            stamp = (None, _file_stamp(movie))
+        hit = self._records.get(movie)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        rec = item_record(self.folder, movie, self.settings)
+        self._records[movie] = (stamp, rec)
+        return rec
+
+    def todo(self, ready: Sequence[Path]) -> list[Path]:
+        """Ready items with work to do (unprocessed or outdated; failed ones only if their file or settings
+        changed)."""
+        return [p for p in ready if self.record(p)["status"] in ("unprocessed", "outdated")]
+
+    def run(self, once: bool = True) -> SessionStats:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        first = True
+        while not self._stop.is_set():
+            movies = discover(self.settings, self.folder)
+            ready = self.tracker.poll(movies)
+            if first and once:  # --once: give every file one settle interval to prove it is complete
+                time.sleep(self.tracker.settle + 0.05)
+                ready = self.tracker.poll(movies)
+            first = False
+            work = self.todo(ready)
+            self._report(len(movies))
+            if work:
+                self._process(work, len(movies))
+                self._outputs(movies)
+            if once and not work:
+                break
+            if not work:
+                self._stop.wait(self.poll)
+        return self.stats
+
+    def _report(self, total: int) -> None:
+        if self.on_progress is not None:
+            done = sum(1 for p in discover(self.settings, self.folder)
+                       if self.record(p)["status"] in ("processed", "failed"))
+            self.on_progress(self.stats, done, total)
+
+    def _finish(self, path: Path, rec: dict) -> None:
+        since = self.tracker.ready_since(path)
+        if since is not None:
+            self.stats.latencies.append(time.monotonic() - since - self.tracker.settle)
+        if rec["status"] == "failed":
+            self.stats.failed += 1
+        else:
+            self.stats.done += 1
+        if self.on_item is not None:
+            self.on_item(rec)
+
+    def _process(self, work: list[Path], total: int) -> None:
+        if self.client is not None:
+            from dask.distributed import as_completed
+
+            futures = {self.client.submit(process_item, str(p), self.settings, str(self.folder), pure=False): p
+                       for p in work}
+            for fut in as_completed(list(futures)):
+                self._finish(futures[fut], fut.result())
+                self._report(total)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+            nxt = pool.submit(_safe_load, work[0], self.settings, self.folder)
+            for i, p in enumerate(work):
+                if self._stop.is_set():
+                    break
+                loaded = nxt.result()
+                if i + 1 < len(work):  # decode the next movie while this one is computed
+                    nxt = pool.submit(_safe_load, work[i + 1], self.settings, self.folder)
+                self.current = p
+                rec = process_item(p, self.settings, self.folder, loaded=loaded, device=self.device)
+                self.current = None
+                self._finish(p, rec)
+                self._report(total)
+
+    def _outputs(self, movies: Sequence[Path]) -> None:
+        records = session_records(self.settings, self.folder, movies)
+        write_micrograph_list(self.settings, self.folder, records)
+
+
+def _safe_load(movie: Path, settings: SessionSettings, folder: Path):
+    try:
+        return load_frames(movie, settings, folder)
+    except Exception as exc:  # noqa: BLE001 -- handed to process_item, which records it as the failure
+        return exc
