@@ -481,8 +481,11 @@ def session_records(settings: SessionSettings, folder: str | os.PathLike | None 
     ast = [r["metrics"].get("astigmatism") for r in recs if r["status"] == "processed"]
     ast = [a for a in ast if a is not None]
     stats = (float(np.mean(ast)), float(np.std(ast))) if len(ast) >= 3 else None
+    busy = _current_item(folder)
     for r in recs:
         r["filter_reasons"] = []
+        if busy is not None and r["path"] == busy and r["status"] in ("unprocessed", "outdated"):
+            r["status"] = "processing"
         if r["status"] != "processed":
             continue
         if r["manual"] == "exclude":
@@ -492,6 +495,27 @@ def session_records(settings: SessionSettings, folder: str | os.PathLike | None 
         if r["filter_reasons"] and r["manual"] != "include":
             r["status"] = "filtered"
     return recs
+
+
+_CURRENT = ".napari-warp.current"
+
+
+def _current_item(folder: Path) -> str | None:
+    """The movie a live session process is computing now (its marker file names it and its pid is alive)."""
+    try:
+        info = json.loads((folder / _CURRENT).read_text())
+        os.kill(int(info["pid"]), 0)
+        return str(info["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _mark_current(folder: Path, movie: Path | None) -> None:
+    marker = folder / _CURRENT
+    if movie is None:
+        marker.unlink(missing_ok=True)
+    else:
+        write_text_atomic(marker, json.dumps({"path": str(movie), "pid": os.getpid(), "since": time.time()}))
 
 
 def set_manual(folder: str | os.PathLike, movie: str | os.PathLike, choice: str | None) -> None:
@@ -767,8 +791,12 @@ class Session:
                 if i + 1 < len(work):  # decode the next movie while this one is computed
                     nxt = pool.submit(_safe_load, work[i + 1], self.settings, self.folder)
                 self.current = p
-                rec = process_item(p, self.settings, self.folder, loaded=loaded, device=self.device)
-                self.current = None
+                _mark_current(self.folder, p)  # so a GUI attached to the folder shows it as "processing"
+                try:
+                    rec = process_item(p, self.settings, self.folder, loaded=loaded, device=self.device)
+                finally:
+                    _mark_current(self.folder, None)
+                    self.current = None
                 self._finish(p, rec)
                 self._report(total)
 
