@@ -415,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     motion.add_argument("--out", type=Path, required=True, help="processing folder")
     motion.add_argument("--patch", type=int, help="patch size in pixels (default 512)")
     motion.add_argument("--bfactor", type=float, help="B-factor for the fit in Å² (default -500)")
-    motion.add_argument("--local-grid", type=lambda s: tuple(int(v) for v in s.lower().split("x")),
-                        help="local motion grid, e.g. 5x5 (default: scaled to the field of view)")
+    motion.add_argument("--local-grid", type=lambda s: tuple(int(v) for v in s.lower().split("x"))[::-1],
+                        help="local motion grid XxY, e.g. 5x5 (default: scaled to the field of view)")
     motion.add_argument("--skip-first", type=int, help="frames to leave out at the start")
     motion.add_argument("--skip-last", type=int, help="frames to leave out at the end")
     motion.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: CUDA when present)")

@@ -18,7 +18,7 @@ from qtpy.QtCore import QTimer
 
 
 def parse_grid(text: str) -> tuple[int, int] | None:
-    """'5x5' -> (5, 5); '' or 'auto' -> None (scaled to the field of view)."""
+    """'XxY' (e.g. '6x4') -> (Gy, Gx) = (4, 6); '' or 'auto' -> None (scaled to the field of view)."""
     text = text.strip().lower()
     if text in ("", "auto"):
         return None
@@ -26,7 +26,7 @@ def parse_grid(text: str) -> tuple[int, int] | None:
         x, y = (int(v) for v in text.replace("×", "x").split("x"))
     except ValueError:
         raise ValueError(f"local grid {text!r}: expected e.g. 5x5 or auto") from None
-    return (x, y)
+    return (y, x)  # MotionSettings.local_grid is (Gy, Gx)
 
 
 class MotionWidget(Container):

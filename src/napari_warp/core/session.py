@@ -200,7 +200,10 @@ def _coerce(cls_field, default, value, where: str):
             if isinstance(value, str):
                 if value.strip().lower() in ("", "null", "none", "auto"):
                     return None
-                value = [v for v in value.replace("x", ",").replace("×", ",").split(",") if v.strip()]
+                if "x" in value or "×" in value:  # a grid typed as XxY, as everywhere in the UI -> (Gy, Gx)
+                    value = [v for v in value.replace("×", "x").split("x") if v.strip()][::-1]
+                else:  # comma-separated or a TOML list: the field's own order
+                    value = [v for v in value.split(",") if v.strip()]
             if value is None or value == "null":
                 return None
             kind = type(default[0]) if isinstance(default, tuple) and default else float
@@ -801,6 +804,14 @@ class Session:
                 self._report(total)
 
     def _outputs(self, movies: Sequence[Path]) -> None:
+        # filters and manual choices may change while the session runs (overview dock, an edited settings file):
+        # they only select items, so the latest ones apply without recomputing anything
+        try:
+            stored = load_settings(self.folder)
+        except NapariWarpError:
+            stored = None
+        if stored is not None and stored.filters != self.settings.filters:
+            self.settings = replace(self.settings, filters=stored.filters)
         records = session_records(self.settings, self.folder, movies)
         write_micrograph_list(self.settings, self.folder, records)
 
