@@ -20,7 +20,6 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import tifffile
-
 from _machine import cpu_and_date
 
 from napari_warp.core.io.movie import open_movie

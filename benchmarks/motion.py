@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
 from _machine import cpu_and_date
 
 from napari_warp.core.export import read_relion_motion
@@ -279,7 +278,7 @@ def main(argv=None) -> None:
         if tmp_ctx is not None:
             tmp_ctx.cleanup()
 
-    print(f"\nMotion correction: napari-warp vs RELION 3.1 own (`--use_own`), same movies, same run.\n")
+    print("\nMotion correction: napari-warp vs RELION 3.1 own (`--use_own`), same movies, same run.\n")
     print(f"Machine: {machine()}\n")
     print(f"Settings: RELION --use_own --patch_x {PATCHES} --patch_y {PATCHES} --dose_weighting --j {args.threads}, "
           f"--bfactor −b/(4·ps²) px² (= ours b, in its units); ours MotionSettings defaults (b = −500 Å², band "

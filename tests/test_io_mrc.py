@@ -8,9 +8,9 @@ import pytest
 from mrcfile.dtypes import HEADER_DTYPE
 
 from napari_warp.core.errors import UnreadableMovieError
+from napari_warp.core.io.movie import open_movie, read_volume
 from napari_warp.core.io.mrc import read_mrc_header
 from napari_warp.core.io.mrc_write import write_mrc
-from napari_warp.core.io.movie import open_movie, read_volume
 from napari_warp.core.io.raw import pack_4bit, unpack_4bit
 
 rng = np.random.default_rng(1)

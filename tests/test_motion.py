@@ -16,8 +16,8 @@ from napari_warp.core.io.warp_xml import WarpMetadata
 from napari_warp.core.motion import (
     MotionModel,
     MotionSettings,
-    alignment_cost,
     aligned_average,
+    alignment_cost,
     auto_local_grid,
     correct_movie,
     dose_filters,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 import pytest
-
-import mrcfile
 
 from napari_warp.core.io.movie import write_mrc
 

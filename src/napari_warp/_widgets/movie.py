@@ -23,7 +23,7 @@ def describe(movie) -> str:
 class MovieWidget(Container):
     """Dock: choose a movie and its gain/defects/EER options, then open it as a lazy (frame, y, x) layer in Å."""
 
-    def __init__(self, viewer: "napari.viewer.Viewer"):
+    def __init__(self, viewer: "napari.viewer.Viewer"):  # noqa: F821
         self._viewer = viewer
         self.movie = FileEdit(label="Movie", filter="*.mrc *.mrcs *.tif *.tiff *.eer *.em *.st")
         self.gain = FileEdit(label="Gain reference", filter="*.mrc *.tif *.tiff *.gain", nullable=True)

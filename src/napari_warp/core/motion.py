@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .device import get_device
-from .fourier import fourier_resize_rfft, fftfreq_warp
+from .fourier import fftfreq_warp, fourier_resize_rfft
 from .grid import CubicGrid, evaluate_cubic_grid, evaluate_cubic_grid_lattice
 
 __all__ = [
