@@ -75,3 +75,35 @@ def test_motion_layers_render(make_napari_viewer, tmp_path):
     from PIL import Image
 
     Image.fromarray(shot).save(tmp_path / "motion.png")
+
+
+def test_demo_viewer_shows_the_session(make_napari_viewer, tmp_path):
+    """The README's main command, with its window: session and overview docks on the demo's session folder, the
+    latest item's average and defocus overlay, the truth layers; the screenshot is not blank."""
+    import os
+
+    from napari_warp.cli import demo_viewer, run_demo
+
+    out = tmp_path / "demo"
+    summary = run_demo(out, size=512, frames=16)
+    viewer = make_napari_viewer(show=True)
+    demo_viewer(out, viewer=viewer)
+    names = [layer.name for layer in viewer.layers]
+    assert "movie_002 average, 4 Å/px" in names and "movie_002 local defocus (µm)" in names
+    assert "true particles" in names and "fitted motion ×20" in names
+    docks = viewer.window.dock_widgets
+    assert "Session (online processing)" in docks and "Session overview" in docks
+    session = docks["Session (online processing)"]
+    # the dock lists the three items the demo processed online
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(20):
+        QApplication.processEvents()
+    assert [i["status"] for i in summary["items"]] == ["processed"] * 3
+    assert session.table.rowCount() == 3
+    shot = viewer.screenshot(canvas_only=False, flash=False)
+    assert shot.std() > 10
+    if os.environ.get("NAPARI_WARP_SCREENSHOTS"):
+        import imageio.v3 as iio
+
+        iio.imwrite(os.path.join(os.environ["NAPARI_WARP_SCREENSHOTS"], "demo.png"), shot)

@@ -22,63 +22,103 @@ def _progress(label: str):
     return report
 
 
-def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> dict:
-    """Simulate a movie with ground truth, write it, read it back and inspect it; returns a summary.
+def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0, n_movies: int = 3) -> dict:
+    """Simulate a small collection session and process it online; returns a summary.
 
-    Writes into ``out``: ``movie.mrcs`` (raw counts), ``gain.mrc``, ``average.mrc`` (gain-corrected, not yet
-    motion-corrected), ``spectrum.mrc`` (Warp-style: data left, true CTF right), ``truth_particles.star``,
-    ``processing/`` (motion correction: aligned average, halves, RELION STAR; CTF of the aligned average: local
-    defocus grid, spectra, power spectrum; both in the item XML), ``tracks.npz`` (true and fitted shifts at a 5×5
-    grid) and ``summary.json``.
+    ``n_movies`` simulated movies (known motion and CTF; different defocus each) arrive one by one into
+    ``out/session/`` while a ``core.session.Session`` watches that folder and processes each (motion, then CTF of
+    the aligned average) into Warp's layout beside them. The last movie is the showcase: its truth is written to
+    ``out/`` as ``truth_particles.star`` and ``tracks.npz`` (true and fitted shifts at a 5×5 grid), its plain
+    average and Warp-style spectrum as ``average.mrc`` and ``spectrum.mrc``. Also ``gain.mrc`` and
+    ``summary.json`` (fitted-vs-true errors, per-item results).
     """
+    import threading
+    from dataclasses import replace
+
     import numpy as np
 
     from ._layers import track_positions
-    from .core.ctf_fit import CTFSettings
     from .core.demo import demo_simulation, inspect_movie
     from .core.io.movie import open_movie, write_mrc
     from .core.io.star import write_coordinates
-    from .core.item import run_ctf_step, run_motion_step
-    from .core.motion import MotionSettings
+    from .core.io.warp_xml import read_warp_xml
+    from .core.item import item_paths, load_ctf
+    from .core.motion import motion_from_xml
+    from .core.session import MovieOptions, Session, SessionSettings, save_settings, session_records
     from .core.simulate import simulate_movie
 
     out.mkdir(parents=True, exist_ok=True)
+    folder = out / "session"
+    folder.mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    settings = demo_simulation(size=size, frames=frames, seed=seed)
-    sim = simulate_movie(settings, progress=_progress("simulating frames"))
-    movie_path = out / "movie.mrcs"
-    write_mrc(movie_path, sim.frames.astype(np.float32), pixel_size=settings.pixel_size, voltage=settings.voltage)
-    gain_path = None
-    if sim.gain is not None:
-        gain_path = out / "gain.mrc"
-        write_mrc(gain_path, sim.gain.astype(np.float32), pixel_size=settings.pixel_size)
-    t_sim = time.perf_counter() - t0
+    base = demo_simulation(size=size, frames=frames, seed=seed)
+    defoci = [base.defocus + 3000.0 * (i - (n_movies - 1)) for i in range(n_movies)]  # the showcase keeps 1.5 µm
+    gain_path = out / "gain.mrc"
+    settings = replace(SessionSettings(input=str(folder)),
+                       movie=MovieOptions(exposure=base.dose_per_frame, gain=str(gain_path.resolve())))
+    save_settings(folder, settings)
+    session = Session(settings, folder, settle=0.5, poll=0.2)
+    watcher = threading.Thread(target=session.run, kwargs={"once": False}, daemon=True)
+    truths, t_sim = [], 0.0
+    show = _progress("simulated movies")
+    for i, defocus in enumerate(defoci):
+        s = replace(base, defocus=defocus, seed=seed + n_movies - 1 - i)  # the last one uses `seed`
+        ts = time.perf_counter()
+        sim = simulate_movie(s)
+        t_sim += time.perf_counter() - ts
+        if i == 0:
+            write_mrc(gain_path, sim.gain.astype(np.float32), pixel_size=s.pixel_size)
+            watcher.start()
+        # each movie appears in one rename, as a microscope's finished file does; the session picks it up
+        write_mrc(folder / f"movie_{i:03d}.mrcs", sim.frames.astype(np.float32), pixel_size=s.pixel_size,
+                  voltage=s.voltage)
+        truths.append(sim)
+        show(i + 1, n_movies)
+    movies = [folder / f"movie_{i:03d}.mrcs" for i in range(n_movies)]
+    wait = _progress("processing online")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        records = session_records(settings, folder, movies)
+        final = sum(r["status"] in ("processed", "failed") for r in records)
+        wait(final, n_movies)
+        if final == n_movies:
+            break
+        time.sleep(0.3)
+    session.stop()
+    watcher.join(timeout=60)
+    t_total = time.perf_counter() - t0
 
-    movie = open_movie(movie_path, gain=gain_path, exposure=settings.dose_per_frame * frames)
+    # the showcase: the last movie, with its truth
+    sim, movie_path = truths[-1], movies[-1]
+    movie = open_movie(movie_path, gain=gain_path, exposure=base.dose_per_frame * frames)
     inspect_movie(movie, sim.truth.ctf, out, progress=_progress("averaging frames"))
-    write_coordinates(out / "truth_particles.star", sim.truth.particles, micrograph_name="average.mrc")
-    motion = run_motion_step(movie, MotionSettings(pixel_size=movie.pixel_size,
-                                                   exposure_per_frame=settings.dose_per_frame),
-                             out / "processing", gain_path=gain_path, progress=_progress("motion correction"))
+    write_coordinates(out / "truth_particles.star", sim.truth.particles, micrograph_name=movie_path.name)
+    paths = item_paths(folder, movie_path)
+    meta = read_warp_xml(paths.xml, kinds=("Movie",))
+    model = motion_from_xml(meta, movie.shape[1:], movie.pixel_size, n_frames=frames)
     # True and fitted motion at a 5×5 grid of positions, for drawing tracks as Warp does. Both relative to each
     # position's mean over frames: that is where the aligned average puts a feature.
     positions = track_positions(movie.shape[1:])
     shifts = sim.truth.shifts(positions, relative_to_mean=True)
-    fitted = motion["model"].shifts(positions)
+    fitted = model.shifts(positions)
     fitted = fitted - fitted.mean(0)
     np.savez(out / "tracks.npz", positions=positions, truth=shifts, fitted=fitted)
-    ctf = run_ctf_step(motion["aligned"].average, CTFSettings(pixel_size=movie.pixel_size,
-                                                              voltage=movie.voltage or 300.0),
-                       out / "processing", movie_path, progress=_progress("CTF estimation"))
-    fit = ctf["fit"]
-    lattice = track_positions(movie.shape[1:], 8)
-    true_defocus = sim.truth.defocus_at(lattice)
-    defocus_error = float(np.sqrt(np.mean((fit.defocus_at(lattice) - true_defocus) ** 2)))
     total_drift_px = float(np.linalg.norm(shifts[-1] - shifts[0], axis=-1).mean())
     error = fitted - shifts
+    fit = load_ctf(folder, movie_path)
+    lattice = track_positions(movie.shape[1:], 8)
+    defocus_error = float(np.sqrt(np.mean((fit.defocus_at(lattice) - sim.truth.defocus_at(lattice)) ** 2)))
 
+    items = []
+    for rec, truth in zip(session_records(settings, folder, movies), truths):
+        m = rec["metrics"]
+        items.append({"name": rec["name"], "status": rec["status"], "error": rec["error"],
+                      "true_defocus_A": float(truth.truth.ctf.defocus),
+                      "ctf_defocus_A": round(m["defocus"] * 1e4, 1) if m.get("defocus") is not None else None})
     summary = {
         "movie": str(movie_path),
+        "session_folder": str(folder),
+        "items": items,
         "shape": list(movie.shape),
         "pixel_size_A": movie.pixel_size,
         "voltage_kV": movie.voltage,
@@ -88,7 +128,6 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
         "particle_diameter_A": float(sim.truth.particle_diameter),
         "true_mean_drift_A": round(total_drift_px * movie.pixel_size, 2),
         "motion_rms_error_px": round(float(np.sqrt((error**2).sum(-1).mean())), 3),
-        "motion_seconds": motion["seconds"],
         "ctf_defocus_A": round(fit.defocus, 1),
         "ctf_local_defocus_rms_error_A": round(defocus_error, 1),
         "true_astigmatism_A": float(sim.truth.ctf.astigmatism),
@@ -96,10 +135,10 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
         "true_astigmatism_angle_deg": float(sim.truth.ctf.astigmatism_angle),
         "ctf_astigmatism_angle_deg": round(fit.astigmatism_angle, 2),
         "ctf_fit_resolution_A": round(fit.fit_resolution, 2),
-        "ctf_seconds": ctf["seconds"],
-        "item_xml": ctf["xml"],
-        "aligned_average": motion["average"],
+        "aligned_average": str(paths.average),
+        "item_xml": str(paths.xml),
         "simulation_s": round(t_sim, 2),
+        "session_s": round(t_total, 2),
         "outputs": sorted(p.name for p in out.iterdir() if p.is_file()),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -107,16 +146,17 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0) -> di
 
 
 def demo_viewer(out: Path, viewer=None, display_pixel_size: float = 4.0):
-    """A napari viewer (new unless given) showing the demo results written by :func:`run_demo` into ``out``.
-
-    The average is shown Fourier-binned to ``display_pixel_size`` Å/px, as Warp displays micrographs: at full
-    sampling a 1 Å/px micrograph is shot noise to the eye.
-    """
+    """A napari viewer (new unless given) showing the demo written by :func:`run_demo` into ``out``: the session
+    and overview docks attached to the session folder, the latest item's layers (aligned average, local defocus,
+    motion tracks), and that movie's truth (particles, true tracks) and Warp-style spectrum."""
     import napari
     import numpy as np
+    from qtpy.QtCore import QTimer
 
     from ._layers import image_layer, points_layer, tracks_layer
     from ._reader import read_image
+    from ._widgets.overview import OverviewWidget
+    from ._widgets.session import SessionWidget, item_layers, show_item_layers
     from .core.demo import binned_for_display
     from .core.io.movie import read_volume
     from .core.io.star import read_coordinates
@@ -124,13 +164,15 @@ def demo_viewer(out: Path, viewer=None, display_pixel_size: float = 4.0):
     viewer = viewer or napari.Viewer(title="napari-warp demo")
     summary = json.loads((out / "summary.json").read_text())
     ps = summary["pixel_size_A"]
-    for data, meta, _ in read_image(out / "movie.mrcs"):
-        meta.update(name="movie (raw counts)", visible=False)
+    for data, meta, _ in read_image(Path(summary["movie"])):
+        meta.update(name="latest movie (raw counts)", visible=False)
         viewer.add_image(data, **meta)
     avg, avg_ps = binned_for_display(read_volume(out / "average.mrc")[0][0], ps, display_pixel_size)
     viewer.add_image(**_kw(image_layer(avg, avg_ps, f"uncorrected average, {avg_ps:.3g} Å/px", visible=False)))
-    aligned, _ = binned_for_display(read_volume(summary["aligned_average"])[0][0], ps, display_pixel_size)
-    viewer.add_image(**_kw(image_layer(aligned, avg_ps, f"aligned average, {avg_ps:.3g} Å/px")))
+    layers = show_item_layers(viewer, item_layers(Path(summary["session_folder"]), Path(summary["movie"])))
+    for layer in layers:  # the fitted tracks are drawn below with the true ones
+        if layer.name.endswith("×20") and hasattr(layer, "edge_color"):
+            viewer.layers.remove(layer)
     picks = read_coordinates(out / "truth_particles.star")
     viewer.add_points(**_kw(points_layer(picks.yx, ps, "true particles", diameter=summary["particle_diameter_A"])))
     tracks = np.load(out / "tracks.npz")
@@ -143,20 +185,21 @@ def demo_viewer(out: Path, viewer=None, display_pixel_size: float = 4.0):
     data, meta, _ = image_layer(spec[0], extent / spec.shape[-1], "spectrum | true CTF²")
     meta["translate"] = (0.0, extent * 1.05)
     viewer.add_image(data, **meta)
-    aligned_layer = viewer.layers[2]
-    from ._widgets.ctf import CTFWidget
-    from .core.item import load_ctf
 
-    fit = load_ctf(out / "processing", summary["movie"])
-    if fit is not None:
-        dock = CTFWidget(viewer)
-        viewer.window.add_dock_widget(dock, name="CTF estimation and deconvolution", area="right")
-        dock.source.value = aligned_layer
-        dock.show_result(fit, aligned_layer)
-    viewer.layers.selection.active = aligned_layer
+    session = SessionWidget(viewer)
+    viewer.window.add_dock_widget(session, name="Session (online processing)", area="right")
+    session.input_folder.value = summary["session_folder"]
+    overview = OverviewWidget(viewer)
+    # the plots run along the acquisition order: wide at the bottom, so the session dock keeps its height
+    viewer.window.add_dock_widget(overview, name="Session overview", area="bottom")
+    overview.folder_edit.value = summary["session_folder"]
+    from qtpy.QtWidgets import QScrollArea
+
+    for area in session.native.findChildren(QScrollArea):  # show the item list, below the settings form
+        QTimer.singleShot(300, lambda a=area: a.verticalScrollBar().setValue(a.verticalScrollBar().maximum()))
+    if layers:
+        viewer.layers.selection.active = layers[0]
     viewer.reset_view()
-    from qtpy.QtCore import QTimer
-
     QTimer.singleShot(0, viewer.reset_view)  # again once the docks have taken their width from the canvas
     return viewer
 
