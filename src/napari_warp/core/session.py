@@ -27,13 +27,13 @@ import math
 import os
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
-import tomllib
 
 from .ctf_fit import CTFSettings
 from .errors import NapariWarpError
@@ -184,10 +184,34 @@ def _to_toml(sections: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _kind(annotation: str) -> str:
+    """'bool', 'int', 'float', 'str', 'tuple[int]', 'tuple[float]' from a field's annotation string."""
+    a = str(annotation).replace(" ", "")
+    for base in ("bool", "int", "float"):
+        if a.startswith(f"tuple[{base}"):
+            return f"tuple[{base}]"
+    for base in ("bool", "int", "float", "str"):
+        if a == base or a.startswith(f"{base}|") or a.endswith(f"|{base}"):
+            return base
+    return "str"
+
+
 def _coerce(cls_field, default, value, where: str):
-    """A file/CLI value in the type of the field's default."""
+    """A file/CLI value in the type the field is annotated with (``None`` allowed where the field allows it).
+
+    Grids typed as ``XxY`` (as everywhere in the UI) become ``(Gy, Gx)``; comma-separated values and TOML lists are
+    in the field's own order.
+    """
+    kind = _kind(cls_field.type) if cls_field is not None else type(default).__name__
+    optional = cls_field is not None and "None" in str(cls_field.type)
     try:
-        if isinstance(default, bool):
+        if isinstance(value, str) and value.strip().lower() in ("null", "none", "auto", "") and optional:
+            return None
+        if value is None:
+            if optional:
+                return None
+            raise ValueError(value)
+        if kind == "bool":
             if isinstance(value, str):
                 if value.lower() in ("true", "1", "yes", "on"):
                     return True
@@ -195,28 +219,23 @@ def _coerce(cls_field, default, value, where: str):
                     return False
                 raise ValueError(value)
             return bool(value)
-        if isinstance(default, tuple) or (default is None and isinstance(value, (list, tuple, str))
-                                          and cls_field.name in ("grid", "local_grid", "band")):
+        if kind.startswith("tuple"):
             if isinstance(value, str):
-                if value.strip().lower() in ("", "null", "none", "auto"):
-                    return None
-                if "x" in value or "×" in value:  # a grid typed as XxY, as everywhere in the UI -> (Gy, Gx)
+                if "x" in value or "×" in value:
                     value = [v for v in value.replace("×", "x").split("x") if v.strip()][::-1]
-                else:  # comma-separated or a TOML list: the field's own order
+                else:
                     value = [v for v in value.split(",") if v.strip()]
-            if value is None or value == "null":
-                return None
-            kind = type(default[0]) if isinstance(default, tuple) and default else float
-            return tuple(kind(v) if kind is not int else int(float(v)) for v in value)
-        if default is None:
-            return None if value in (None, "null", "none", "") else value
-        if isinstance(default, int):
-            return int(float(value))
-        if isinstance(default, float):
+            return tuple(int(float(v)) if kind == "tuple[int]" else float(v) for v in value)
+        if kind == "int":
+            number = float(value)
+            if number != int(number):
+                raise ValueError(value)
+            return int(number)
+        if kind == "float":
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: {value!r} is not a valid {type(default).__name__}") from None
+        raise ValueError(f"{where}: {value!r} is not a valid {kind}") from None
 
 
 def _build(cls, template, values: dict, section: str):
@@ -243,7 +262,8 @@ def settings_from_sections(sections: dict[str, dict]) -> SessionSettings:
         base,
         input=str(top.get("input", base.input)),
         pattern=str(top.get("pattern", base.pattern)),
-        recursive=_coerce(None, False, top.get("recursive", base.recursive), "session.recursive"),
+        recursive=_coerce(next(f for f in fields(SessionSettings) if f.name == "recursive"), False,
+                          top.get("recursive", base.recursive), "session.recursive"),
         ctf_from=str(top.get("ctf_from", base.ctf_from)),
         movie=_build(MovieOptions, base.movie, sections.get("movie", {}), "movie"),
         motion=_build(MotionSettings, base.motion, sections.get("motion", {}), "motion"),
@@ -487,7 +507,7 @@ def session_records(settings: SessionSettings, folder: str | os.PathLike | None 
     busy = _current_item(folder)
     for r in recs:
         r["filter_reasons"] = []
-        if busy is not None and r["path"] == busy and r["status"] in ("unprocessed", "outdated"):
+        if busy is not None and Path(r["path"]).resolve() == Path(busy) and r["status"] in ("unprocessed", "outdated"):
             r["status"] = "processing"
         if r["status"] != "processed":
             continue
@@ -518,7 +538,8 @@ def _mark_current(folder: Path, movie: Path | None) -> None:
     if movie is None:
         marker.unlink(missing_ok=True)
     else:
-        write_text_atomic(marker, json.dumps({"path": str(movie), "pid": os.getpid(), "since": time.time()}))
+        write_text_atomic(marker, json.dumps({"path": str(Path(movie).resolve()), "pid": os.getpid(),
+                                              "since": time.time()}))
 
 
 def set_manual(folder: str | os.PathLike, movie: str | os.PathLike, choice: str | None) -> None:
@@ -568,6 +589,7 @@ def _mark_failed(folder: Path, movie: Path, settings: SessionSettings, step: str
     meta.set_attr("FailedStep", step)
     meta.set_attr("FailedStamp", _file_stamp(movie))
     meta.set_attr("FailedKey", _hash(step_keys(settings, ps)))
+    meta.set_attr("PixelSize", ps)  # item_record recomputes the keys with this pixel size
     meta.write(paths.xml)
 
 
@@ -627,7 +649,9 @@ def _stamp(folder: Path, movie: Path, step: str, key: str, ps: float) -> None:
     meta = load_metadata(paths, movie)
     key_attr, at_attr = _STEP_ATTRS[step]
     meta.set_attr(key_attr, key)
-    meta.set_attr(at_attr, time.strftime("%Y-%m-%dT%H:%M:%S") + f".{time.time_ns() % 1_000_000_000:09d}")
+    now = time.time_ns()
+    meta.set_attr(at_attr, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now // 1_000_000_000))
+                  + f".{now % 1_000_000_000:09d}")
     meta.set_attr("PixelSize", ps)
     _clear_failed(meta)
     meta.write(paths.xml)
@@ -667,7 +691,8 @@ def write_micrograph_list(settings: SessionSettings, folder: str | os.PathLike, 
             cs=settings.ctf.cs, amplitude_contrast=settings.ctf.amplitude, ctf=ctf,
         ))
     path = folder / "micrographs_ctf.star"
-    if not rows:
+    if not rows:  # nothing passes (any more): no list, rather than a stale one
+        path.unlink(missing_ok=True)
         return None
     write_corrected_micrographs_star(path, rows, project_dir=folder)
     return path
@@ -703,7 +728,7 @@ class Session:
                  on_item: Callable[[dict], None] | None = None,
                  on_progress: Callable[[SessionStats, int, int], None] | None = None):
         self.settings = settings
-        self.folder = Path(folder or settings.input)
+        self.folder = Path(folder or settings.input).resolve()  # absolute: Dask workers may run elsewhere
         self.client = client
         self.tracker = ReadyTracker(settle)
         self.poll = poll
@@ -714,6 +739,7 @@ class Session:
         self.current: Path | None = None
         self._stop = threading.Event()
         self._records: dict[Path, tuple] = {}
+        self._last_outputs: list = []
 
     def stop(self) -> None:
         self._stop.set()
@@ -751,6 +777,7 @@ class Session:
             self._report(len(movies))
             if work:
                 self._process(work, len(movies))
+            if work or self._selection_changed(movies):  # filters, manual choices, new results
                 self._outputs(movies)
             if once and not work:
                 break
@@ -779,8 +806,8 @@ class Session:
         if self.client is not None:
             from dask.distributed import as_completed
 
-            futures = {self.client.submit(process_item, str(p), self.settings, str(self.folder), pure=False): p
-                       for p in work}
+            futures = {self.client.submit(process_item, str(p.resolve()), self.settings, str(self.folder),
+                                          pure=False): p for p in work}
             for fut in as_completed(list(futures)):
                 self._finish(futures[fut], fut.result())
                 self._report(total)
@@ -803,6 +830,19 @@ class Session:
                 self._finish(p, rec)
                 self._report(total)
 
+    def _stamps(self, movies: Sequence[Path]) -> list:
+        out = []
+        for p in [self.folder / SETTINGS_FILE, *(item_paths(self.folder, m).xml for m in movies)]:
+            try:
+                out.append(p.stat().st_mtime_ns)
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def _selection_changed(self, movies: Sequence[Path]) -> bool:
+        """Whether the settings file or any item XML changed since the micrograph list was last written."""
+        return self._stamps(movies) != self._last_outputs
+
     def _outputs(self, movies: Sequence[Path]) -> None:
         # filters and manual choices may change while the session runs (overview dock, an edited settings file):
         # they only select items, so the latest ones apply without recomputing anything
@@ -814,6 +854,7 @@ class Session:
             self.settings = replace(self.settings, filters=stored.filters)
         records = session_records(self.settings, self.folder, movies)
         write_micrograph_list(self.settings, self.folder, records)
+        self._last_outputs = self._stamps(movies)  # what the list now reflects
 
 
 def _safe_load(movie: Path, settings: SessionSettings, folder: Path):
