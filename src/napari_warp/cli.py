@@ -151,7 +151,7 @@ def demo_viewer(out: Path, viewer=None, display_pixel_size: float = 4.0):
     motion tracks), and that movie's truth (particles, true tracks) and Warp-style spectrum."""
     import napari
     import numpy as np
-    from qtpy.QtCore import QTimer
+    from qtpy.QtCore import Qt, QTimer
 
     from ._layers import image_layer, points_layer, tracks_layer
     from ._reader import read_image
@@ -191,7 +191,8 @@ def demo_viewer(out: Path, viewer=None, display_pixel_size: float = 4.0):
     session.input_folder.value = summary["session_folder"]
     overview = OverviewWidget(viewer)
     # the plots run along the acquisition order: wide at the bottom, so the session dock keeps its height
-    viewer.window.add_dock_widget(overview, name="Session overview", area="bottom")
+    dock = viewer.window.add_dock_widget(overview, name="Session overview", area="bottom")
+    viewer.window._qt_window.resizeDocks([dock], [330], Qt.Orientation.Vertical)  # one full row of plots
     overview.folder_edit.value = summary["session_folder"]
     from qtpy.QtWidgets import QScrollArea
 

@@ -151,8 +151,9 @@ class OverviewWidget(Container):
         return self._worker
 
     def _show(self, settings, records, force: bool = False):
-        sig = (settings.filters, tuple((r["name"], r["status"], tuple(sorted((r["metrics"] or {}).items())))
-                                       for r in records))
+        sig = (settings.filters, self._is_wide(), tuple((r["name"], r["status"],
+                                                          tuple(sorted((r["metrics"] or {}).items())))
+                                                         for r in records))
         self.settings = settings
         self.records = records
         if sig == self._signature and not force:
@@ -211,13 +212,19 @@ class OverviewWidget(Container):
         except (KeyError, ValueError, AttributeError):
             return {"bg": "#2e333e", "axes": "#23242b", "text": "#f0f1f2", "accent": "#4560c4"}
 
+    def _is_wide(self) -> bool:
+        """Docked wide (e.g. at the bottom of the window): one row of plots along the acquisition order."""
+        return self.native.width() > 1100
+
     def _draw(self):
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
         c = self._colors()
         metrics = self.shown_metrics()
-        rows = max(len(metrics), 1)
+        wide = self._is_wide() and len(metrics) > 1
+        rows = 1 if wide else max(len(metrics), 1)
+        cols = len(metrics) if wide else 1
         if self._figure is None:
             self._figure = Figure(figsize=(4.0, rows * ROW_PX / 100), dpi=100, layout="constrained")
             self._canvas = FigureCanvasQTAgg(self._figure)
@@ -237,13 +244,14 @@ class OverviewWidget(Container):
             ax.text(0.5, 0.5, "no processed items yet", ha="center", va="center", color=text)
             self._canvas.draw_idle()
             return
-        gs = fig.add_gridspec(rows, 2, width_ratios=[3.2, 1.0])
+        gs = fig.add_gridspec(rows, 2 * cols, width_ratios=[3.2, 1.0] * cols)
         f = self.settings.filters if self.settings is not None else None
         n_items = len(self.records)
-        for row, (key, label) in enumerate(metrics):
+        for i, (key, label) in enumerate(metrics):
+            row, col = (0, i) if wide else (i, 0)
             order, values, index, classes = self.metric_values(key)
-            ax = fig.add_subplot(gs[row, 0])
-            hx = fig.add_subplot(gs[row, 1], sharey=ax)
+            ax = fig.add_subplot(gs[row, 2 * col])
+            hx = fig.add_subplot(gs[row, 2 * col + 1], sharey=ax)
             for a in (ax, hx):
                 a.set_facecolor(c["axes"])
                 a.tick_params(colors=text, labelsize=7, length=3)
@@ -275,7 +283,7 @@ class OverviewWidget(Container):
             for y in self._thresholds(key, f):
                 ax.axhline(y, color=c["accent"], lw=1.0, ls="--", zorder=1)
                 hx.axhline(y, color=c["accent"], lw=1.0, ls="--", zorder=1)
-            if row == rows - 1:
+            if wide or row == rows - 1:
                 ax.set_xlabel("Acquisition order (item #; red × = failed)" if failed else "Acquisition order (item #)",
                               color=text, fontsize=7.5)
                 hx.set_xlabel("Items", color=text, fontsize=7.5)
