@@ -108,23 +108,116 @@ def test_session_dock_form_loads_folder_settings(qtbot, viewer_model, processed_
     from napari_warp.core.session import load_settings
 
     w = SessionWidget(viewer_model)
-    assert w.exposure.value == pytest.approx(1.0)
+    f = w.fields
+    assert f["movie.exposure"].value == pytest.approx(1.0)
     w.input_folder.value = processed_session
     stored = load_settings(processed_session)
-    assert w.exposure.value == pytest.approx(3.0)
-    assert w.patch_size.value == stored.motion.patch_size
-    assert w.window.value == stored.ctf.window
-    # fit range shown in Å at the items' 1 Å/px: Warp's 0.1–0.6 of Nyquist = 20–3.33 Å
-    assert w.range_low.value == pytest.approx(20.0) and w.range_high.value == pytest.approx(3.33, abs=0.01)
-    assert w.defocus_min.value == pytest.approx(stored.ctf.defocus_min / 1e4)
-    assert "Å" in w.range_low.label and "µm" in w.defocus_min.label and "e/Å²" in w.exposure.label
+    assert f["movie.exposure"].value == pytest.approx(3.0)
+    assert f["motion.patch_size"].value == stored.motion.patch_size
+    assert f["ctf.window"].value == stored.ctf.window
+    # the fit range as stored (fractions of Nyquist), and in Å at the items' 1 Å/px in the note: 20–3.33 Å
+    assert f["ctf.range_min"].value == pytest.approx(0.1) and f["ctf.range_max"].value == pytest.approx(0.6)
+    assert "20–3.33 Å at 1 Å/px" in w.form_note.value
+    assert f["ctf.defocus_min"].value == pytest.approx(stored.ctf.defocus_min)
+    assert "Å" in f["ctf.defocus_min"].label and "Nyquist" in f["ctf.range_min"].label
+    assert "e/Å²" in f["movie.exposure"].label and "Å²" in f["motion.bfactor"].label
     # the untouched form gives back exactly the stored settings (Start must not make every item outdated)
     assert w.settings() == dataclasses.replace(stored, input=str(processed_session))
-    w.window.value = 256
-    w.range_high.value = 5.0
+    f["ctf.window"].value = 256
+    f["ctf.range_max"].value = 0.4
     s = w.settings()
-    assert s.ctf.window == 256 and s.ctf.range_max == pytest.approx(2.0 / 5.0)
+    assert s.ctf.window == 256 and s.ctf.range_max == pytest.approx(0.4)
     assert s.motion == stored.motion
+    assert "20–5 Å at 1 Å/px" in w.form_note.value  # the note follows the fit range
+
+
+def test_setting_labels_cover_every_setting():
+    """A new setting cannot be forgotten: every key of every section has a label (and so a form field)."""
+    from napari_warp.core.session import SETTING_LABELS, SessionSettings
+
+    keys = {f"{sec}.{name}" for sec, values in SessionSettings().sections().items() for name in values}
+    assert keys == set(SETTING_LABELS)
+    assert all(label for label, _unit in SETTING_LABELS.values())
+
+
+def test_session_form_is_generated_from_the_dataclasses(qtbot, viewer_model, tmp_path):
+    from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, LineEdit, SpinBox
+
+    from napari_warp._widgets.session import FORM_SECTIONS, SessionWidget
+    from napari_warp.core.session import SETTING_LABELS, SessionSettings
+
+    w = SessionWidget(viewer_model)
+    sections = SessionSettings().sections()
+    assert set(w.fields) == set(SETTING_LABELS) and {s for s, _ in FORM_SECTIONS} == set(sections)
+    for key, widget in w.fields.items():
+        label, unit = SETTING_LABELS[key]
+        assert widget.label == (f"{label} ({unit})" if unit else label)
+        assert widget in w.sections[key.partition(".")[0]]  # in its section's sub-form
+    kinds = {"movie.gain": FileEdit, "movie.defects": FileEdit, "session.ctf_from": ComboBox,
+             "movie.gain_flip_x": CheckBox, "motion.dose_weighting": CheckBox, "motion.patch_size": SpinBox,
+             "ctf.window": SpinBox, "motion.bfactor": FloatSpinBox, "ctf.voltage": FloatSpinBox,
+             "motion.band": LineEdit, "motion.local_grid": LineEdit, "motion.global_temporal": LineEdit,
+             "ctf.grid": LineEdit}
+    for key, cls in kinds.items():
+        assert isinstance(w.fields[key], cls), key
+    assert w.fields["motion.bfactor"].min < -500 and w.fields["motion.dose_bfactor"].min < -4
+    assert w.fields["ctf.defocus_max"].max >= 100000  # Å
+    assert w.fields["motion.local_grid"].value == "auto" and w.fields["ctf.grid"].value == "5x5"
+    assert w.settings() == SessionSettings()  # defaults round-trip
+
+    # every field filled from non-default settings, and the untouched form reproduces them exactly
+    gain = tmp_path / "gain.mrc"
+    gain.write_bytes(b"")
+    s0 = SessionSettings()
+    custom = dataclasses.replace(
+        s0, input=str(tmp_path), pattern="*.eer", recursive=True, ctf_from="frames",
+        movie=dataclasses.replace(s0.movie, pixel_size=0.8263, exposure=0.0417, gain=str(gain), gain_flip_y=True,
+                                  eer_group=40, binning=2.0),
+        motion=dataclasses.replace(s0.motion, band=(0.03, 0.2), bfactor=-300.0, local_grid=(3, 5),
+                                   global_temporal=12, skip_first=1, dose_weighting=False, local_tolerance=0.123456),
+        ctf=dataclasses.replace(s0.ctf, voltage=200.0, cs=0.01, amplitude=0.1, range_min=0.123456789,
+                                defocus_max=80000.0, fit_phase=True, phase_shift=-12.5, grid=(2, 3)),
+        filters=dataclasses.replace(s0.filters, defocus_max=2.5, phase_min=10.0, motion_max=1.5),
+    )
+    w.load_form(custom)
+    assert w.input_folder.value == tmp_path
+    assert w.fields["motion.local_grid"].value == "5x3"  # (Gy, Gx) = (3, 5) shown as x×y
+    assert w.fields["ctf.grid"].value == "3x2" and w.fields["motion.band"].value == "0.03, 0.2"
+    assert w.fields["motion.global_temporal"].value == "12" and w.fields["session.ctf_from"].value == "frames"
+    assert w.fields["movie.gain"].value == gain and w.fields["ctf.phase_shift"].value == pytest.approx(-12.5)
+    assert w.settings() == custom  # exact, though the spin boxes round 0.123456789
+
+    # edits convert: grids typed as x×y, 'auto', tuples, numbers
+    w.fields["motion.local_grid"].value = "auto"
+    w.fields["ctf.grid"].value = "4x1"
+    w.fields["motion.global_temporal"].value = "auto"
+    w.fields["motion.band"].value = "0.05, 0.3"
+    w.fields["ctf.range_min"].value = 0.2
+    w.fields["movie.gain"].value = None
+    s = w.settings()
+    assert s.motion.local_grid is None and s.ctf.grid == (1, 4) and s.motion.global_temporal is None
+    assert s.motion.band == (0.05, 0.3) and s.ctf.range_min == pytest.approx(0.2) and s.movie.gain == ""
+    assert s.ctf.voltage == 200.0 and s.movie.pixel_size == 0.8263  # the untouched ones stay exact
+
+    # invalid values come back naming the setting, in the status line on Start
+    w.fields["ctf.grid"].value = "auto"
+    with pytest.raises(ValueError, match="ctf.grid"):
+        w.settings()
+    assert w.start() is None and "ctf.grid" in w.status.value and not w.running
+
+
+def test_session_form_sections_fold(qtbot, viewer_model):
+    from napari_warp._widgets.session import COLLAPSED, FORM_SECTIONS, SessionWidget
+
+    w = SessionWidget(viewer_model)
+    w.native.show()
+    for sec, _title in FORM_SECTIONS:
+        assert w.sections[sec].visible == (sec not in COLLAPSED)
+    w.section_buttons["motion"].clicked.emit()  # unfold
+    assert w.sections["motion"].visible and w.fields["motion.bfactor"].visible
+    w.section_buttons["motion"].clicked.emit()  # fold again
+    assert not w.sections["motion"].visible
+    w.native.close()
 
 
 def test_session_dock_opens_item(qtbot, viewer_model, processed_session):
@@ -202,7 +295,7 @@ def test_session_dock_processes_in_worker(qtbot, viewer_model, tmp_path):
     w.poll = 0.2
     w.input_folder.value = folder
     assert w.table.rowCount() == 1 and w.table.item(0, 1).text() == "unprocessed"
-    w.exposure.value = 3.0
+    w.fields["movie.exposure"].value = 3.0
     ticks = []
     probe = QTimer()
     probe.setInterval(50)
@@ -259,7 +352,7 @@ def test_overview_plots_filters_and_pick(qtbot, viewer_model, session_copy):
     # the session dock shows it too, and its form shows the new filter
     row = session.select("movie_2") and session.table.currentRow()
     assert session.table.item(row, 1).text() == "filtered"
-    assert session.filter_defocus_max.value == pytest.approx(1.8)
+    assert session.fields["filters.defocus_max"].value == pytest.approx(1.8)
     # back to the full range switches the filter off
     ov.defocus_slider.setValue((0.0, hi))
     ov.apply_filters()

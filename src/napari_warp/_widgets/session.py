@@ -4,11 +4,13 @@ the settings form, progress, and the item list coloured by status; an item opens
 # No `from __future__ import annotations`: napari injects the viewer by the exact annotation string.
 import dataclasses
 import functools
+import math
 import weakref
 from pathlib import Path
 
 from magicgui.widgets import (
     CheckBox,
+    ComboBox,
     Container,
     FileEdit,
     FloatSpinBox,
@@ -20,11 +22,11 @@ from magicgui.widgets import (
 )
 from napari.qt.threading import thread_worker
 from psygnal import Signal
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtGui import QBrush, QColor
 from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
 
-from .ctf import _policy, _scroll_area, _selectable, parse_ctf_grid
+from .ctf import _policy, _scroll_area, _selectable
 
 REFRESH_MS = 2000  # the item list is re-read from the files this often
 TICK_MS = 250  # progress and finished items from the worker are shown this often
@@ -81,6 +83,131 @@ def format_xy_grid(grid) -> str:
         return "auto"
     gy, gx = grid
     return f"{gx}x{gy}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the settings form, generated from the settings dataclasses
+# ---------------------------------------------------------------------------------------------------------------
+# (section of ``SessionSettings.sections()``, title), most used first; ``COLLAPSED`` ones start folded
+FORM_SECTIONS = (("session", "Folders"), ("movie", "Movies"), ("ctf", "CTF"), ("filters", "Quality filters"),
+                 ("motion", "Motion"))
+COLLAPSED = ("motion",)
+_CHOICES = {"session.ctf_from": ("average", "frames")}
+_FILES = ("movie.gain", "movie.defects")
+
+
+def setting_fields(section: str) -> dict:
+    """``{name: dataclasses.Field}`` of a section of the settings file."""
+    from ..core.ctf_fit import CTFSettings
+    from ..core.motion import MotionSettings
+    from ..core.session import MovieOptions, QualityFilters, SessionSettings
+
+    cls = {"session": SessionSettings, "movie": MovieOptions, "motion": MotionSettings, "ctf": CTFSettings,
+           "filters": QualityFilters}[section]
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def setting_label(key: str) -> str:
+    """'Label (unit)' of a setting ``section.key``."""
+    from ..core.session import SETTING_LABELS
+
+    label, unit = SETTING_LABELS.get(key, (key.partition(".")[2].replace("_", " ").capitalize(), ""))
+    return f"{label} ({unit})" if unit else label
+
+
+def _field_kind(field) -> tuple[str, bool]:
+    from ..core.session import _kind
+
+    return _kind(field.type), "None" in str(field.type)
+
+
+def format_setting(value, kind: str) -> str:
+    """The text a LineEdit shows for a tuple or None-able setting: grids 'XxY', other tuples 'a, b', None 'auto'."""
+    if value is None:
+        return "auto"
+    if isinstance(value, (tuple, list)):
+        if kind == "tuple[int]" and len(value) == 2:
+            return format_xy_grid(tuple(value))
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+_SIGNED = ("ctf.phase_shift", "ctf.pixel_size_delta", "ctf.pixel_size_angle")  # may be negative, default 0
+
+
+def _float_range(key: str, default: float) -> tuple[float, float, float, int]:
+    """(min, max, step, decimals) of a float spin box, by the magnitude of its default (negatives allowed where
+    the default is negative, e.g. B-factors; fractions up to 1)."""
+    from ..core.session import SETTING_LABELS
+
+    mag = abs(float(default))
+    top = 1.0 if SETTING_LABELS.get(key, ("", ""))[1].startswith("fraction") else max(1000.0, 100 * mag)
+    if mag >= 100:
+        step = 10.0 ** math.floor(math.log10(mag))
+    else:
+        step = 10.0 ** math.floor(math.log10(mag)) / 10 if mag > 0 else 0.1
+    step = min(max(step, 0.01), 1000.0)
+    decimals = 1 if mag >= 100 else 4
+    return (-top if default < 0 or key in _SIGNED else 0.0), top, step, decimals
+
+
+def setting_widget(key: str, default, field):
+    """The form widget of a setting: bool -> CheckBox, int -> SpinBox, float -> FloatSpinBox, tuple or None-able
+    -> LineEdit ('XxY' grids, 'a, b', 'auto'), gain/defect paths -> FileEdit, choices -> ComboBox."""
+    kind, optional = _field_kind(field)
+    label = setting_label(key)
+    if key in _CHOICES:
+        w = ComboBox(label=label, choices=_CHOICES[key], value=default)
+    elif key in _FILES:
+        w = FileEdit(label=label, mode="r", nullable=True, value=default or None)
+    elif kind.startswith("tuple") or optional:
+        w = LineEdit(label=label, value=format_setting(default, kind))
+    elif kind == "bool":
+        w = CheckBox(label=label, value=bool(default))
+    elif kind == "int":
+        top = max(1000, 16 * abs(int(default)))
+        w = SpinBox(label=label, value=int(default), min=-top if default < 0 else min(1, int(default)), max=top,
+                    step=32 if default >= 256 else 1)
+    elif kind == "float":
+        lo, hi, step, decimals = _float_range(key, default)
+        w = FloatSpinBox(label=label, min=lo, max=hi, step=step)
+        w.native.setDecimals(decimals)
+        w.value = float(default)
+    else:
+        w = LineEdit(label=label, value=str(default))
+    w.tooltip = f"{label}: {key} in the settings file (`napari-warp process --set {key}=…`)"
+    return w
+
+
+def _widget_value(w):
+    """A form widget's value as the settings file takes it (paths as strings, '' for none)."""
+    if isinstance(w, FileEdit):
+        return str(w.value) if w.value else ""
+    return w.value
+
+
+def _set_widget(w, value, kind: str) -> None:
+    if isinstance(w, FileEdit):
+        w.value = value or None
+    elif isinstance(w, LineEdit):
+        w.value = format_setting(value, kind)
+    elif isinstance(w, (SpinBox, FloatSpinBox)):
+        if value > w.max:
+            w.max = value
+        if value < w.min:
+            w.min = value
+        w.value = value
+    else:
+        w.value = value
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return abs(float(a) - float(b)) < 1e-9
+        except (TypeError, ValueError):
+            return False
+    return a == b
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,38 +364,25 @@ class SessionWidget(Container):
         self.poll = 1.0  # s between folder scans
         self.ticks = 0  # GUI timer ticks (a responsive GUI keeps ticking while the worker computes)
 
-        # folders
-        self.input_folder = FileEdit(label="Input folder (movies)", mode="d", nullable=True)
+        # the settings form: every setting of every section, generated from the dataclasses
+        from ..core.session import SessionSettings
+
+        defaults = SessionSettings().sections()
+        self.fields: dict = {}  # "section.key" -> its widget
+        for section, values in defaults.items():
+            kinds = setting_fields(section)
+            for name, default in values.items():
+                key = f"{section}.{name}"
+                if key == "session.input":
+                    w = FileEdit(label=setting_label(key), mode="d", nullable=True)
+                else:
+                    w = setting_widget(key, default, kinds[name])
+                self.fields[key] = w
+        self._kinds = {f"{sec}.{n}": _field_kind(f)[0] for sec in defaults for n, f in setting_fields(sec).items()}
+        self.input_folder = self.fields["session.input"]
         self.processing_folder = FileEdit(label="Processing folder (empty = input)", mode="d", nullable=True)
-        self.pattern = LineEdit(label="File pattern (globs)", value="*.tif *.tiff *.mrc *.mrcs *.eer *.em")
-        self.recursive = CheckBox(label="Include sub-folders", value=False)
-        # movie
-        self.pixel_size = FloatSpinBox(label="Pixel size (Å, 0 = header)", value=0.0, min=0.0, max=100.0,
-                                       step=0.001)
-        self.exposure = FloatSpinBox(label="Exposure (e/Å² per frame)", value=1.0, min=0.001, max=100.0, step=0.01)
-        self.gain = FileEdit(label="Gain reference (file)", mode="r", nullable=True)
-        # motion
-        self.patch_size = SpinBox(label="Patch size (px)", value=512, min=32, max=4096, step=32)
-        self.bfactor = FloatSpinBox(label="Motion B-factor (Å²)", value=-500.0, min=-5000.0, max=0.0, step=50.0)
-        self.local_grid = LineEdit(label="Local motion grid (x×y)", value="auto")
-        # CTF
-        self.window = SpinBox(label="CTF window (px)", value=512, min=64, max=2048, step=64)
-        self.range_low = FloatSpinBox(label="Fit range from (Å)", value=20.0, min=1.0, max=1000.0, step=0.5)
-        self.range_high = FloatSpinBox(label="Fit range to (Å)", value=10.0 / 3, min=0.2, max=500.0, step=0.1)
-        self.defocus_min = FloatSpinBox(label="Defocus search min (µm)", value=0.3, min=0.01, max=20.0, step=0.1)
-        self.defocus_max = FloatSpinBox(label="Defocus search max (µm)", value=5.0, min=0.02, max=20.0, step=0.1)
-        self.ctf_grid = LineEdit(label="Defocus grid (x×y)", value="5x5")
-        self.fit_phase = CheckBox(label="Fit phase shift (phase plate)", value=False)
-        # filters
-        self.filter_defocus_min = FloatSpinBox(label="Keep defocus from (µm, 0 = off)", value=0.0, min=0.0,
-                                               max=20.0, step=0.1)
-        self.filter_defocus_max = FloatSpinBox(label="Keep defocus to (µm, 0 = off)", value=0.0, min=0.0,
-                                               max=20.0, step=0.1)
-        self.filter_astigmatism = FloatSpinBox(label="Max astigmatism (σ over mean, 0 = off)", value=0.0, min=0.0,
-                                               max=10.0, step=0.5)
-        self.filter_resolution = FloatSpinBox(label="Worst fit resolution (Å, 0 = off)", value=0.0, min=0.0,
-                                              max=100.0, step=0.5)
-        self.filter_motion = FloatSpinBox(label="Max motion (Å, 0 = off)", value=0.0, min=0.0, max=100.0, step=0.5)
+        self.pattern = self.fields["session.pattern"]
+        self.recursive = self.fields["session.recursive"]
         self.form_note = Label(value="")
         # actions
         self.start_button = PushButton(text="Start processing")
@@ -295,24 +409,39 @@ class SessionWidget(Container):
                                           self.reset_button], layout="horizontal", labels=False)
         self._list_box = Container(widgets=[], labels=False)
         self._list_box.native.layout().addWidget(self.table)
+        self.sections: dict = {}  # section -> its sub-form (a Container)
+        self.section_buttons: dict = {}  # section -> the header button that folds it
+        form = []
+        for sec, title in FORM_SECTIONS:
+            widgets = [w for key, w in self.fields.items() if key.partition(".")[0] == sec]
+            if sec == "session":
+                widgets.insert(1, self.processing_folder)
+            box = Container(widgets=widgets, labels=True)
+            box.native.layout().setContentsMargins(8, 0, 0, 4)
+            head = PushButton(text=title)
+            head.native.setFlat(True)
+            head.native.setStyleSheet("text-align: left; font-weight: bold; padding: 2px;")
+            head.changed.connect(lambda *_, s=sec: self.fold(s, self.sections[s].visible))
+            self.sections[sec] = box
+            self.section_buttons[sec] = head
+            form += [head, box]
         self._body = Container(
             widgets=[
-                section("Folders"), self.input_folder, self.processing_folder, self.pattern, self.recursive,
-                section("Movies"), self.pixel_size, self.exposure, self.gain,
-                section("Motion"), self.patch_size, self.bfactor, self.local_grid,
-                section("CTF"), self.window, self.range_low, self.range_high, self.defocus_min, self.defocus_max,
-                self.ctf_grid, self.fit_phase,
-                section("Quality filters"), self.filter_defocus_min, self.filter_defocus_max,
-                self.filter_astigmatism, self.filter_resolution, self.filter_motion, self.form_note,
+                *form, self.form_note,
                 buttons, self.progress, self.status,
                 section("Items (Enter or double click opens)"), self._list_box, item_buttons, self.item_info,
             ],
+            labels=False,
         )
+        for sec, title in FORM_SECTIONS:
+            self.fold(sec, sec in COLLAPSED)
         super().__init__(widgets=[], labels=False)
         self._scroll = _scroll_area(self._body.native)
         self.native.layout().addWidget(self._scroll)
         self.native.layout().setContentsMargins(0, 0, 0, 0)
         self.native.setSizePolicy(_policy("Preferred"), _policy("Expanding"))
+        self._aligner = _OnShow(self.align_labels)  # once styled (docked), the labels' real widths are known
+        self.native.installEventFilter(self._aligner)
         for w in (self.status, self.form_note, self.item_info):
             w.native.setWordWrap(True)
             w.native.setSizePolicy(_policy("Expanding"), _policy("Preferred"))
@@ -321,7 +450,8 @@ class SessionWidget(Container):
 
         self.input_folder.changed.connect(self._input_changed)
         self.processing_folder.changed.connect(self._folder_changed)
-        self.pixel_size.changed.connect(self._update_note)
+        for key in ("movie.pixel_size", "ctf.range_min", "ctf.range_max", "ctf.defocus_min", "ctf.defocus_max"):
+            self.fields[key].changed.connect(self._update_note)
         self.start_button.changed.connect(self.start)
         self.stop_button.changed.connect(self.stop)
         self.refresh_button.changed.connect(lambda *_: self.refresh(wait=True))
@@ -379,11 +509,33 @@ class SessionWidget(Container):
         self.folder_changed.emit(folder)
 
     # -- the settings form ---------------------------------------------------------------------------------------
+    def fold(self, section: str, folded: bool = True) -> None:
+        """Fold (hide) or unfold a section of the settings form."""
+        title = dict(FORM_SECTIONS)[section]
+        self.sections[section].visible = not folded
+        n = len(self.sections[section])
+        self.section_buttons[section].text = f"{'▸' if folded else '▾'} {title}" + (
+            f"  ({n} settings, click to show)" if folded else "")
+
+    def align_labels(self) -> None:
+        """One label column per section: each section's labels as wide as its widest (as styled now)."""
+        for box in self.sections.values():
+            labels = [lw._label_widget.native for w in box if (lw := w._labeled_widget()) is not None]
+            if not labels:
+                continue
+            for lab in labels:
+                lab.setMinimumWidth(0)
+                lab.ensurePolished()
+            widest = max(lab.sizeHint().width() for lab in labels)
+            for lab in labels:
+                lab.setMinimumWidth(widest)
+
     def _ref_pixel_size(self) -> float:
-        """Å/px that converts the fit range between Å and fractions of Nyquist: the form's pixel size, else that
-        of a processed item or the first movie's header, else 1."""
-        if self.pixel_size.value > 0:
-            return float(self.pixel_size.value)
+        """Å/px at which the note shows the fit range in Å: the form's pixel size, else that of a processed item or
+        the first movie's header, else 1."""
+        ps = self.fields["movie.pixel_size"].value
+        if ps > 0:
+            return float(ps)
         if self._header_ps is None:
             self._header_ps = self._find_pixel_size() or 0.0
         return self._header_ps or 1.0
@@ -413,107 +565,76 @@ class SessionWidget(Container):
         return None
 
     def _update_note(self, *_):
+        f = self.fields
         ps = self._ref_pixel_size()
-        self.form_note.value = (f"Fit range converted at {ps:.4g} Å/px. Filters also apply to the overview; the "
-                                "form is saved to the settings file on Start.")
-
-    _EXACT = ("pixel_size", "exposure", "bfactor", "range_low", "range_high", "defocus_min", "defocus_max",
-              "filter_defocus_min", "filter_defocus_max", "filter_astigmatism", "filter_resolution", "filter_motion")
+        lo, hi = f["ctf.range_min"].value, f["ctf.range_max"].value
+        res = (f"{2 * ps / lo:.3g}–{2 * ps / hi:.3g} Å at {ps:.4g} Å/px" if lo > 0 and hi > 0 else "invalid")
+        self.form_note.value = (
+            f"CTF fit range = {res}; defocus search {f['ctf.defocus_min'].value / 1e4:.3g}–"
+            f"{f['ctf.defocus_max'].value / 1e4:.3g} µm. Filters also apply to the overview; the form is saved to "
+            "the settings file on Start.")
 
     def load_form(self, settings) -> None:
-        """Fill the form from ``settings`` (a SessionSettings); untouched fields keep their exact stored values."""
+        """Fill every field of the form from ``settings`` (a SessionSettings); untouched fields keep their exact
+        stored values."""
         self._loaded = settings
         self._file_filters = settings.filters
-        m, mo, c, f = settings.movie, settings.motion, settings.ctf, settings.filters
+        self._shown = {}
         if settings.input and Path(settings.input).is_dir() and not self.input_folder.value:
             with self.input_folder.changed.blocked():
                 self.input_folder.value = settings.input
-        self.pattern.value = settings.pattern
-        self.recursive.value = settings.recursive
-        self.pixel_size.value = m.pixel_size
-        self.exposure.value = m.exposure
-        self.gain.value = m.gain or None
-        self.patch_size.value = mo.patch_size
-        self.bfactor.value = mo.bfactor
-        self.local_grid.value = format_xy_grid(mo.local_grid)
-        self.window.value = c.window
-        ps = self._ref_pixel_size()
-        self.range_low.value = round(2 * ps / c.range_min, 2)
-        self.range_high.value = round(2 * ps / c.range_max, 2)
-        self.defocus_min.value = c.defocus_min / 1e4
-        self.defocus_max.value = c.defocus_max / 1e4
-        gy, gx = c.grid
-        self.ctf_grid.value = f"{gx}x{gy}"
-        self.fit_phase.value = c.fit_phase
-        self._load_filters(f)
-        self._shown = {name: getattr(self, name).value for name in self._EXACT}
-        self._shown["_ps"] = ps
+        for section, values in settings.sections().items():
+            if section == "filters":
+                continue
+            for name, value in values.items():
+                key = f"{section}.{name}"
+                if key == "session.input":
+                    continue
+                w = self.fields[key]
+                _set_widget(w, value, self._kinds[key])
+                self._shown[key] = _widget_value(w)
+        self._load_filters(settings.filters)
         self._update_note()
 
     def _load_filters(self, f) -> None:
-        self.filter_defocus_min.value = f.defocus_min
-        self.filter_defocus_max.value = f.defocus_max
-        self.filter_astigmatism.value = f.astigmatism_sigma
-        self.filter_resolution.value = f.resolution_max
-        self.filter_motion.value = f.motion_max
-        for name in ("filter_defocus_min", "filter_defocus_max", "filter_astigmatism", "filter_resolution",
-                     "filter_motion"):
-            self._shown[name] = getattr(self, name).value
+        for name, value in dataclasses.asdict(f).items():
+            key = f"filters.{name}"
+            _set_widget(self.fields[key], value, self._kinds[key])
+            self._shown[key] = _widget_value(self.fields[key])
 
-    def settings(self, validate: bool = True):
-        """SessionSettings from the form (settings it does not show come from the loaded file, else defaults).
-        Raises ValueError with a message fit for the status line."""
-        from ..core.ctf_fit import CTFSettings
-        from ..core.session import QualityFilters, SessionSettings
+    def form_sections(self) -> dict:
+        """The form as the settings file's sections (``{section: {key: value}}``; the exact stored value where a
+        field is as it was filled; tuples and 'auto' as typed)."""
+        from ..core.session import SessionSettings
 
         base = self._loaded or SessionSettings()
+        stored = base.sections()
+        out: dict = {}
+        for key, w in self.fields.items():
+            section, _, name = key.partition(".")
+            value = _widget_value(w)
+            if key == "session.input":
+                value = value or base.input
+            elif key in self._shown and _same(value, self._shown[key]):
+                value = stored[section][name]
+            out.setdefault(section, {})[name] = value
+        return out
 
-        def value(name, stored, convert=float):
-            """The form's value, or the exact stored one when the field is as it was filled."""
-            w = getattr(self, name).value
-            if name in self._shown and abs(w - self._shown[name]) < 1e-9:
-                return stored
-            return convert(w)
+    def settings(self, validate: bool = True):
+        """SessionSettings from the form. Raises ValueError naming the setting, fit for the status line
+        (``validate=False``: falls back to the loaded settings with the form's folder and pattern instead)."""
+        from ..core.session import SessionSettings, settings_from_sections
 
-        inp = self.input_folder.value
-        movie = dataclasses.replace(
-            base.movie, pixel_size=value("pixel_size", base.movie.pixel_size),
-            exposure=value("exposure", base.movie.exposure), gain=str(self.gain.value) if self.gain.value else "")
-        if not validate:
-            return dataclasses.replace(base, input=str(inp) if inp else base.input, pattern=self.pattern.value,
-                                       recursive=bool(self.recursive.value), movie=movie)
-        motion = dataclasses.replace(base.motion, patch_size=int(self.patch_size.value),
-                                     bfactor=value("bfactor", base.motion.bfactor),
-                                     local_grid=parse_xy_grid(self.local_grid.value))
-        ps = self._ref_pixel_size()
-        same_ps = abs(ps - self._shown.get("_ps", -1.0)) < 1e-9
         try:
-            user = CTFSettings.from_user_units(
-                ps, fit_range=(self.range_low.value, self.range_high.value),
-                defocus_range=(self.defocus_min.value, self.defocus_max.value), window=int(self.window.value),
-                grid=parse_ctf_grid(self.ctf_grid.value), fit_phase=bool(self.fit_phase.value))
+            return settings_from_sections(self.form_sections())
         except ValueError as exc:
-            msg = str(exc)
-            raise ValueError(msg[:1].upper() + msg[1:] + ".") from None
-        ctf = dataclasses.replace(
-            base.ctf, window=user.window, grid=user.grid, fit_phase=user.fit_phase,
-            range_min=value("range_low", base.ctf.range_min, lambda _: user.range_min) if same_ps else user.range_min,
-            range_max=value("range_high", base.ctf.range_max, lambda _: user.range_max) if same_ps else user.range_max,
-            defocus_min=value("defocus_min", base.ctf.defocus_min, lambda _: user.defocus_min),
-            defocus_max=value("defocus_max", base.ctf.defocus_max, lambda _: user.defocus_max),
-        )
-        bf = base.filters
-        filters = QualityFilters(
-            defocus_min=value("filter_defocus_min", bf.defocus_min),
-            defocus_max=value("filter_defocus_max", bf.defocus_max),
-            astigmatism_sigma=value("filter_astigmatism", bf.astigmatism_sigma),
-            phase_min=bf.phase_min, phase_max=bf.phase_max,
-            resolution_max=value("filter_resolution", bf.resolution_max),
-            motion_max=value("filter_motion", bf.motion_max),
-        )
-        return dataclasses.replace(base, input=str(inp) if inp else base.input, pattern=self.pattern.value,
-                                   recursive=bool(self.recursive.value), movie=movie, motion=motion, ctf=ctf,
-                                   filters=filters)
+            if not validate:
+                base = self._loaded or SessionSettings()
+                inp = self.input_folder.value
+                return dataclasses.replace(base, input=str(inp) if inp else base.input, pattern=self.pattern.value,
+                                           recursive=bool(self.recursive.value))
+            msg = str(exc).rstrip(".")
+            raise ValueError(f"Invalid setting: {msg}.") from None
 
     # -- processing ----------------------------------------------------------------------------------------------
     @property
@@ -540,8 +661,7 @@ class SessionWidget(Container):
         save_settings(folder, settings)
         self._loaded = settings
         self._file_filters = settings.filters
-        self._shown = {name: getattr(self, name).value for name in self._EXACT}
-        self._shown["_ps"] = self._ref_pixel_size()
+        self._shown = {key: _widget_value(w) for key, w in self.fields.items() if key != "session.input"}
         self._pending.clear()
         self._progress = None
         session = Session(settings, folder, settle=self.settle, poll=self.poll,
@@ -795,6 +915,19 @@ def status_tooltip(rec: dict, status: str) -> str:
         return "processed; included manually" + (
             " (overrides: " + "; ".join(rec["filter_reasons"]) + ")" if rec.get("filter_reasons") else "")
     return "processed; passes the filters"
+
+
+class _OnShow(QObject):
+    """Event filter calling ``fn`` whenever the watched widget is shown."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self._fn = fn
+
+    def eventFilter(self, obj, event):  # noqa: N802 -- Qt's name
+        if event.type() == QEvent.Type.Show:
+            self._fn()
+        return False
 
 
 class _blocked:

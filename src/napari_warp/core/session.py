@@ -50,6 +50,7 @@ from .motion import MotionSettings
 
 __all__ = [
     "SETTINGS_FILE",
+    "SETTING_LABELS",
     "STEPS",
     "MovieOptions",
     "QualityFilters",
@@ -246,6 +247,62 @@ def _build(cls, template, values: dict, section: str):
             raise ValueError(f"[{section}] has no setting {key!r}; known: {', '.join(sorted(known))}")
         changes[key] = _coerce(known[key], getattr(template, key), value, f"{section}.{key}")
     return replace(template, **changes)
+
+
+# "section.key" of every setting in ``SessionSettings.sections()`` -> (label, unit or hint), as the GUI shows it
+# ("Label (unit)"); tests check that no setting lacks one.
+SETTING_LABELS: dict[str, tuple[str, str]] = {
+    "session.input": ("Input folder", "movies"),
+    "session.pattern": ("File pattern", "globs"),
+    "session.recursive": ("Include sub-folders", ""),
+    "session.ctf_from": ("Fit CTF from", "average or frames"),
+    "movie.pixel_size": ("Pixel size", "Å, 0 = header"),
+    "movie.exposure": ("Exposure", "e/Å² per frame"),
+    "movie.gain": ("Gain reference", "file, empty = none"),
+    "movie.gain_flip_x": ("Flip gain in X", ""),
+    "movie.gain_flip_y": ("Flip gain in Y", ""),
+    "movie.gain_transpose": ("Transpose gain", ""),
+    "movie.defects": ("Defect map", "file, empty = none"),
+    "movie.eer_group": ("EER frames per fraction", "0 = default"),
+    "movie.binning": ("Binning", "Fourier-crop factor"),
+    "motion.patch_size": ("Patch size", "px"),
+    "motion.patch_overlap": ("Patch overlap", "fraction"),
+    "motion.band": ("Fit band", "low, high of Nyquist"),
+    "motion.bfactor": ("Fit B-factor", "Å²"),
+    "motion.local_grid": ("Local grid", "x×y nodes, auto"),
+    "motion.local_temporal": ("Local temporal nodes", ""),
+    "motion.global_temporal": ("Global temporal nodes", "auto = per frame"),
+    "motion.skip_first": ("Skip first frames", "in averages"),
+    "motion.skip_last": ("Skip last frames", "in averages"),
+    "motion.pre_exposure": ("Pre-exposure", "e/Å²"),
+    "motion.dose_weighting": ("Dose weighting", ""),
+    "motion.dose_bfactor": ("Dose B-factor", "Å² per e/Å²"),
+    "motion.iterations": ("Iterations", "per step"),
+    "motion.max_fit_frames": ("Max fitted frames", "more are grouped"),
+    "motion.local_tolerance": ("Resampling tolerance", "px"),
+    "motion.prealign": ("Coarse pre-alignment", ""),
+    "ctf.voltage": ("Voltage", "kV"),
+    "ctf.cs": ("Spherical aberration", "mm"),
+    "ctf.amplitude": ("Amplitude contrast", "fraction"),
+    "ctf.window": ("Spectrum window", "px"),
+    "ctf.range_min": ("Fit range low", "fraction of Nyquist"),
+    "ctf.range_max": ("Fit range high", "fraction of Nyquist"),
+    "ctf.defocus_min": ("Defocus search min", "Å"),
+    "ctf.defocus_max": ("Defocus search max", "Å"),
+    "ctf.fit_phase": ("Fit phase shift", "phase plate"),
+    "ctf.phase_shift": ("Phase shift", "°, start or fixed"),
+    "ctf.phase_nodes": ("Phase temporal nodes", ""),
+    "ctf.grid": ("Defocus grid", "x×y nodes"),
+    "ctf.pixel_size_delta": ("Mag. anisotropy", "Å"),
+    "ctf.pixel_size_angle": ("Mag. anisotropy angle", "°"),
+    "filters.defocus_min": ("Keep defocus from", "µm, 0 = off"),
+    "filters.defocus_max": ("Keep defocus to", "µm, 0 = off"),
+    "filters.astigmatism_sigma": ("Max astigmatism", "σ above mean, 0 = off"),
+    "filters.phase_min": ("Keep phase from", "°, 0 = off"),
+    "filters.phase_max": ("Keep phase to", "°, 0 = off"),
+    "filters.resolution_max": ("Worst fit resolution", "Å, 0 = off"),
+    "filters.motion_max": ("Max motion", "Å, 0 = off"),
+}
 
 
 def settings_from_sections(sections: dict[str, dict]) -> SessionSettings:
@@ -579,7 +636,8 @@ def load_frames(movie: str | os.PathLike, settings: SessionSettings, folder: str
     return mv, mv.frames()
 
 
-def _mark_failed(folder: Path, movie: Path, settings: SessionSettings, step: str, reason: str, ps: float) -> None:
+def _mark_failed(folder: Path, movie: Path, settings: SessionSettings, step: str, reason: str, ps: float,
+                 stamp: str) -> None:
     paths = item_paths(folder, movie)
     try:
         meta = load_metadata(paths, movie)
@@ -587,7 +645,7 @@ def _mark_failed(folder: Path, movie: Path, settings: SessionSettings, step: str
         meta = WarpMetadata.new("Movie", {"DataDirectory": str(movie.parent.resolve())})
     meta.set_attr("FailedReason", reason)
     meta.set_attr("FailedStep", step)
-    meta.set_attr("FailedStamp", _file_stamp(movie))
+    meta.set_attr("FailedStamp", stamp)
     meta.set_attr("FailedKey", _hash(step_keys(settings, ps)))
     meta.set_attr("PixelSize", ps)  # item_record recomputes the keys with this pixel size
     meta.write(paths.xml)
@@ -600,7 +658,8 @@ def _clear_failed(meta: WarpMetadata) -> None:
 
 
 def process_item(movie: str | os.PathLike, settings: SessionSettings, folder: str | os.PathLike, *,
-                 loaded=None, device=None, progress: Callable[[int, int], None] | None = None) -> dict:
+                 loaded=None, stamp: str | None = None, device=None,
+                 progress: Callable[[int, int], None] | None = None) -> dict:
     """Bring one item up to date: run the outdated steps (motion, then CTF), each followed by an atomic XML write.
 
     loaded: ``load_frames``' result when prefetched (or an exception it raised). Never raises for a bad movie or a
@@ -608,6 +667,7 @@ def process_item(movie: str | os.PathLike, settings: SessionSettings, folder: st
     a Dask worker can run it.
     """
     movie, folder = Path(movie), Path(folder)
+    stamp = stamp or _file_stamp(movie)  # the file as it was when read: a later change makes a failure retryable
     step = "read"
     ps = settings.movie.pixel_size or 1.0
     try:
@@ -640,7 +700,7 @@ def process_item(movie: str | os.PathLike, settings: SessionSettings, folder: st
             _stamp(folder, movie, "ctf", want["ctf"], ps)
     except Exception as exc:  # noqa: BLE001 -- any failure marks the item failed and the session goes on
         reason = str(exc) if isinstance(exc, NapariWarpError) else f"{step} failed: {type(exc).__name__}: {exc}"
-        _mark_failed(folder, movie, settings, step, reason, ps)
+        _mark_failed(folder, movie, settings, step, reason, ps, stamp)
     return item_record(folder, movie, settings)
 
 
@@ -817,13 +877,14 @@ class Session:
             for i, p in enumerate(work):
                 if self._stop.is_set():
                     break
-                loaded = nxt.result()
+                stamp, loaded = nxt.result()
                 if i + 1 < len(work):  # decode the next movie while this one is computed
                     nxt = pool.submit(_safe_load, work[i + 1], self.settings, self.folder)
                 self.current = p
                 _mark_current(self.folder, p)  # so a GUI attached to the folder shows it as "processing"
                 try:
-                    rec = process_item(p, self.settings, self.folder, loaded=loaded, device=self.device)
+                    rec = process_item(p, self.settings, self.folder, loaded=loaded, stamp=stamp,
+                                       device=self.device)
                 finally:
                     _mark_current(self.folder, None)
                     self.current = None
@@ -858,7 +919,9 @@ class Session:
 
 
 def _safe_load(movie: Path, settings: SessionSettings, folder: Path):
+    """``(file stamp before reading, load_frames(...) or the exception it raised)``."""
+    stamp = _file_stamp(movie)
     try:
-        return load_frames(movie, settings, folder)
+        return stamp, load_frames(movie, settings, folder)
     except Exception as exc:  # noqa: BLE001 -- handed to process_item, which records it as the failure
-        return exc
+        return stamp, exc
