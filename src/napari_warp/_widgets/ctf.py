@@ -20,6 +20,8 @@ from magicgui.widgets import (
 from napari.qt.threading import thread_worker
 from qtpy.QtCore import QTimer
 
+from ._common import ProgressRun, theme_colors
+
 _ROLE = "napari_warp_role"
 _OURS = ("defocus", "deconvolved")
 DEBOUNCE_MS = 250
@@ -38,15 +40,15 @@ def parse_ctf_grid(text: str) -> tuple[int, int]:
     return (gy, gx)
 
 
-class CTFWidget(Container):
+class CTFWidget(ProgressRun, Container):
     """Dock: CTF estimation with a local (spatially resolved) defocus model, a fit inspector, a defocus overlay
     (µm) on the micrograph, and Warp's Wiener-like deconvolution with live Strength/Fall-off sliders."""
+
+    cancelled_message = "CTF fit cancelled"
 
     def __init__(self, viewer: "napari.viewer.Viewer"):  # noqa: F821
         self._viewer = viewer
         self._worker = None
-        self._cancel = False
-        self._state = (0, 1)
         self.last_fit = None
         self._fit_source = None  # the layer the last fit came from
         self._fit_ps = None  # Å/px of that layer's data
@@ -102,9 +104,7 @@ class CTFWidget(Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.source.changed.connect(self._from_layer)
-        self._timer = QTimer()
-        self._timer.setInterval(100)
-        self._timer.timeout.connect(self._show_progress)
+        self._init_progress()
         self._debounce = QTimer()
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(DEBOUNCE_MS)
@@ -185,18 +185,6 @@ class CTFWidget(Container):
             raise ValueError(msg[:1].upper() + msg[1:] + ".") from None
 
     # -- fit -----------------------------------------------------------------------------------------------------
-    def _report(self, done: int, total: int) -> None:
-        """Core progress callback (worker thread): record progress, stop when cancelled."""
-        from ..core.errors import Cancelled
-
-        self._state = (done, max(total, 1))
-        if self._cancel:
-            raise Cancelled("CTF fit cancelled")
-
-    def _show_progress(self):
-        done, total = self._state
-        self.progress.value = int(1000 * done / total)
-
     def run(self, *_):
         """Start the CTF fit of the chosen layer in a worker thread; returns the worker (None if the form is invalid)."""
         layer = self.source.value
@@ -214,13 +202,7 @@ class CTFWidget(Container):
         frames = layer.data[0] if layer.multiscale else layer.data  # (F, Y, X) or (Y, X); may be lazy
         out = self.out.value
         movie_path = (layer.metadata or {}).get("path") or layer.name
-        self._cancel = False
-        self._state = (0, 1)
-        self.run_button.enabled = False
-        self.cancel_button.enabled = True
-        self.progress.visible = True
-        self.status.value = f"Fitting the CTF of {layer.name} …"
-        self._timer.start()
+        self._start_run(f"Fitting the CTF of {layer.name} …")
 
         @thread_worker
         def work():
@@ -244,17 +226,10 @@ class CTFWidget(Container):
                 self.status.value = f"CTF fit failed: {type(exc).__name__}: {exc}"
 
         def finished():
-            self._timer.stop()
-            self._show_progress()
-            self.run_button.enabled = True
-            self.cancel_button.enabled = False
+            self._run_finished()
 
         self._worker = work(_connect={"returned": done, "errored": failed, "finished": finished})
         return self._worker
-
-    def cancel(self, *_):
-        self._cancel = True
-        self.status.value = "Cancelling …"
 
     def show_result(self, fit, layer, xml=None):
         """Show a CTF fit of ``layer``'s data (fitted here, or loaded from an item): overlay, inspector, status."""
@@ -341,14 +316,7 @@ class CTFWidget(Container):
         return f"<table>{cells}</table>"
 
     def _colors(self) -> dict:
-        try:
-            from napari.utils.theme import get_theme
-
-            t = get_theme(self._viewer.theme)
-            return {"bg": t.foreground.as_hex(), "axes": t.background.as_hex(), "text": t.text.as_hex(),
-                    "accent": t.current.as_hex()}
-        except (KeyError, ValueError, AttributeError):
-            return {"bg": "#2e333e", "axes": "#23242b", "text": "#f0f1f2", "accent": "#4560c4"}
+        return theme_colors(self._viewer)
 
     def _draw(self, fit):
         """Inspector: Warp's 2D spectrum (data | fit), raw spectrum with background, rescaled spectrum with fit."""

@@ -14,7 +14,8 @@ from magicgui.widgets import (
     SpinBox,
 )
 from napari.qt.threading import thread_worker
-from qtpy.QtCore import QTimer
+
+from ._common import ProgressRun
 
 
 def parse_grid(text: str) -> tuple[int, int] | None:
@@ -29,14 +30,14 @@ def parse_grid(text: str) -> tuple[int, int] | None:
     return (y, x)  # MotionSettings.local_grid is (Gy, Gx)
 
 
-class MotionWidget(Container):
+class MotionWidget(ProgressRun, Container):
     """Dock: motion-correct the chosen movie; results appear as an average (Å) and exaggerated motion tracks."""
+
+    cancelled_message = "motion correction cancelled"
 
     def __init__(self, viewer: "napari.viewer.Viewer"):  # noqa: F821
         self._viewer = viewer
         self._worker = None
-        self._cancel = False
-        self._state = (0, 1)
         self._open_options: dict = {}
         self._layer_path = None
         self.movie = FileEdit(label="Movie", filter="*.mrc *.mrcs *.tif *.tiff *.eer *.em")
@@ -59,9 +60,7 @@ class MotionWidget(Container):
         )
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
-        self._timer = QTimer()
-        self._timer.setInterval(100)
-        self._timer.timeout.connect(self._show_progress)
+        self._init_progress()
         viewer.layers.selection.events.active.connect(self._from_layer)
         self._from_layer()
 
@@ -91,18 +90,6 @@ class MotionWidget(Container):
             local_grid=parse_grid(self.local_grid.value),
         )
 
-    def _report(self, done: int, total: int) -> None:
-        """Core progress callback (worker thread): record progress, stop when cancelled."""
-        from ..core.errors import Cancelled
-
-        self._state = (done, max(total, 1))
-        if self._cancel:
-            raise Cancelled("motion correction cancelled")
-
-    def _show_progress(self):
-        done, total = self._state
-        self.progress.value = int(1000 * done / total)
-
     def run(self, *_):
         from ..core.io.movie import open_movie
 
@@ -113,13 +100,7 @@ class MotionWidget(Container):
             return None
         path = Path(self.movie.value)
         out = self.out.value
-        self._cancel = False
-        self._state = (0, 1)
-        self.run_button.enabled = False
-        self.cancel_button.enabled = True
-        self.progress.visible = True
-        self.status.value = f"Correcting {path.name} …"
-        self._timer.start()
+        self._start_run(f"Correcting {path.name} …")
 
         @thread_worker
         def work():
@@ -149,17 +130,10 @@ class MotionWidget(Container):
             self.status.value = f"Stopped: {exc}"
 
         def finished():
-            self._timer.stop()
-            self._show_progress()
-            self.run_button.enabled = True
-            self.cancel_button.enabled = False
+            self._run_finished()
 
         self._worker = work(_connect={"returned": done, "errored": failed, "finished": finished})
         return self._worker
-
-    def cancel(self, *_):
-        self._cancel = True
-        self.status.value = "Cancelling …"
 
     def _add_layers(self, movie, model, average):
         from .._layers import image_layer, motion_tracks_layer

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 from magicgui.widgets import Container, FileEdit, Label, PushButton
-from napari.qt.threading import thread_worker
 from qtpy.QtCore import QTimer
 
+from ._common import theme_colors
 from .ctf import _policy, _scroll_area, _selectable
-from .session import _DOCKS, guarded, open_item, read_records, same_viewer
+from .session import _DOCKS, guarded, open_item, refresh_records, same_viewer
 
 REFRESH_MS = 2000
 SAVE_DEBOUNCE_MS = 400
@@ -126,29 +126,7 @@ class OverviewWidget(Container):
     @guarded
     def refresh(self, wait: bool = True, force: bool = False):
         """Re-read the records from the files and redraw if anything changed (``wait=False``: in a worker)."""
-        folder = self.folder
-        if folder is None or not folder.is_dir():
-            return None
-        if wait:
-            self._show(*read_records(folder), force=force)
-            return None
-        if self._worker is not None:
-            return None
-
-        @thread_worker
-        def work():
-            return read_records(folder)
-
-        @guarded
-        def done(result):
-            if folder == self.folder:
-                self._show(*result)
-
-        def finished():
-            self._worker = None
-
-        self._worker = work(_connect={"returned": done, "finished": finished})
-        return self._worker
+        return refresh_records(self, "_worker", lambda s, r: self._show(s, r, force=force), wait)
 
     def _show(self, settings, records, force: bool = False):
         sig = (settings.filters, self._is_wide(), tuple((r["name"], r["status"],
@@ -203,14 +181,7 @@ class OverviewWidget(Container):
 
     # -- plots ---------------------------------------------------------------------------------------------------
     def _colors(self) -> dict:
-        try:
-            from napari.utils.theme import get_theme
-
-            t = get_theme(self._viewer.theme)
-            return {"bg": t.foreground.as_hex(), "axes": t.background.as_hex(), "text": t.text.as_hex(),
-                    "accent": t.current.as_hex()}
-        except (KeyError, ValueError, AttributeError):
-            return {"bg": "#2e333e", "axes": "#23242b", "text": "#f0f1f2", "accent": "#4560c4"}
+        return theme_colors(self._viewer)
 
     def _is_wide(self) -> bool:
         """Docked wide (e.g. at the bottom of the window): one row of plots along the acquisition order."""

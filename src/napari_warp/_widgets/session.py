@@ -298,6 +298,36 @@ def open_item(viewer, folder, movie, on_done=None, on_error=None):
     return state[0]
 
 
+def refresh_records(dock, worker_attr: str, show, wait: bool = True):
+    """Re-read ``dock.folder``'s settings and records and hand them to ``show(settings, records)``: here when
+    ``wait``, else in a worker (kept in ``dock.<worker_attr>``; skipped while one runs, and dropped if the dock has
+    moved to another folder meanwhile). Returns the worker or None."""
+    folder = dock.folder
+    if folder is None or not folder.is_dir():
+        return None
+    if wait:
+        show(*read_records(folder))
+        return None
+    if getattr(dock, worker_attr) is not None:
+        return None
+
+    @thread_worker
+    def work():
+        return read_records(folder)
+
+    @guarded
+    def done(result):
+        if folder == dock.folder:
+            show(*result)
+
+    def finished():
+        setattr(dock, worker_attr, None)
+
+    worker = work(_connect={"returned": done, "finished": finished})
+    setattr(dock, worker_attr, worker)
+    return worker
+
+
 def read_records(folder) -> tuple:
     """(settings, records) of a processing folder from its files (no Qt, safe in a worker): the settings file (or
     defaults with the folder as input) and ``session_records`` with filters and manual choices applied."""
@@ -752,29 +782,7 @@ class SessionWidget(Container):
     @guarded
     def refresh(self, wait: bool = True):
         """Re-read the items from the files (``wait=False``: in a worker thread, skipped while one runs)."""
-        folder = self.folder
-        if folder is None or not folder.is_dir():
-            return None
-        if wait:
-            self._show_records(*read_records(folder))
-            return None
-        if self._refresh_worker is not None:
-            return None
-
-        @thread_worker
-        def work():
-            return read_records(folder)
-
-        @guarded
-        def done(result):
-            if folder == self.folder:
-                self._show_records(*result)
-
-        def finished():
-            self._refresh_worker = None
-
-        self._refresh_worker = work(_connect={"returned": done, "finished": finished})
-        return self._refresh_worker
+        return refresh_records(self, "_refresh_worker", self._show_records, wait)
 
     def _show_records(self, settings, records):
         if self._file_filters is not None and settings.filters != self._file_filters:
