@@ -318,8 +318,9 @@ def run_ctf(args) -> int:
             continue
         fit = result["fit"]
         phase = f", phase shift {fit.phase_shift:.1f}°" if args.phase else ""
-        print(f"{path.name}: defocus {fit.defocus / 1e4:.4f} µm (local {fit.defocus_map((16, 16)).min() / 1e4:.4f}–"
-              f"{fit.defocus_map((16, 16)).max() / 1e4:.4f}), astigmatism {fit.astigmatism:.0f} Å at "
+        local = fit.defocus_map((16, 16)) / 1e4
+        print(f"{path.name}: defocus {fit.defocus / 1e4:.4f} µm (local {local.min():.4f}–{local.max():.4f}), "
+              f"astigmatism {fit.astigmatism:.0f} Å at "
               f"{fit.angle:.1f}°{phase}, fit resolution {fit.fit_resolution:.2f} Å, {result['seconds']:.1f} s "
               f"-> {result['xml']}")
     return 1 if failed else 0

@@ -28,6 +28,7 @@ fitted image; the defocus grid is evaluated at ``(y / Y, x / X)`` as the motion 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -48,6 +49,8 @@ __all__ = [
     "ctf_to_xml",
     "fit_ctf",
     "fit_resolution",
+    "defocus_lattice",
+    "mean_defocus",
     "patch_spectra",
 ]
 
@@ -166,20 +169,12 @@ class CTFFit:
 
     def defocus_map(self, shape: Sequence[int] | None = None) -> np.ndarray:
         """Local defocus (Å) on a ``shape`` lattice (default the fitted image's) spanning the image, float32."""
-        ys, xs = (int(s) for s in (shape or self.shape))
-        y = (np.arange(ys) + 0.5) * self.shape[0] / ys - 0.5
-        x = (np.arange(xs) + 0.5) * self.shape[1] / xs - 0.5
-        grid = CubicGrid(torch.as_tensor(self.defocus_nodes, dtype=torch.float64)[None])
-        from .grid import evaluate_cubic_grid_lattice
+        return defocus_lattice(self.defocus_nodes, self.shape, shape or self.shape)
 
-        axes = [torch.tensor([0.5], dtype=torch.float64), torch.as_tensor(y / self.shape[0]),
-                torch.as_tensor(x / self.shape[1])]
-        return evaluate_cubic_grid_lattice(grid.values, axes, grid.margins)[0].numpy().astype(np.float32)
-
-    @property
+    @functools.cached_property
     def defocus(self) -> float:
         """Mean defocus over the field of view (Å), the global value (Warp's CTF.Defocus)."""
-        return float(self.defocus_map((16, 16)).mean())
+        return mean_defocus(self.defocus_nodes, self.shape)
 
     @property
     def defocus_u(self) -> float:
@@ -235,6 +230,24 @@ class CTFFit:
         a = np.stack([np.ones(yy.size), yy.ravel(), xx.ravel()], 1)
         coef = np.linalg.lstsq(a, m.ravel(), rcond=None)[0]
         return float(coef[1]), float(coef[2])
+
+
+def defocus_lattice(nodes: np.ndarray, shape: Sequence[int], out_shape: Sequence[int]) -> np.ndarray:
+    """A ``(Gy, Gx)`` defocus grid (Å) of an image of ``shape`` evaluated on an ``out_shape`` lattice of pixel
+    centres spanning that image, float32."""
+    from .grid import evaluate_cubic_grid_lattice
+
+    ys, xs = (int(s) for s in out_shape)
+    y = ((np.arange(ys) + 0.5) * shape[0] / ys - 0.5) / shape[0]
+    x = ((np.arange(xs) + 0.5) * shape[1] / xs - 0.5) / shape[1]
+    axes = [torch.tensor([0.5], dtype=torch.float64), torch.as_tensor(y), torch.as_tensor(x)]
+    values = torch.as_tensor(nodes, dtype=torch.float64)[None]
+    return evaluate_cubic_grid_lattice(values, axes, (0.0, 0.0, 0.0))[0].numpy().astype(np.float32)
+
+
+def mean_defocus(nodes: np.ndarray, shape: Sequence[int]) -> float:
+    """Mean of a defocus grid over the field of view (Å), Warp's global ``CTF.Defocus``."""
+    return float(defocus_lattice(nodes, shape, (16, 16)).mean())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -611,8 +624,7 @@ def _search_1d(spec: torch.Tensor, weight: torch.Tensor, f2: torch.Tensor, s: CT
                                  fine, math.radians(p), optics)[0]
             i = int(torch.argmax(sc))
             if float(sc[i]) > score:
-                score, dd, ph_new = float(sc[i]), d + float(fine[i]), float(p)
-                d, ph = dd, ph_new
+                score, d, ph = float(sc[i]), d + float(fine[i]), float(p)
     return d, ph % 180.0 if s.fit_phase else ph, score
 
 
@@ -785,9 +797,7 @@ def fit_ctf(frames, settings: CTFSettings, *, device=None, progress: Progress | 
     patch_d = to_numpy(grid_map @ nodes).astype(np.float64) * 1e4
     group_ph = to_numpy(phase_map @ phase).astype(np.float64)
     nodes_a = to_numpy(nodes).astype(np.float64).reshape(gy, gx) * 1e4
-    fit0 = CTFFit(s, tuple(shape), window, nodes_a, 0.0, 0.0, np.zeros(1), 0.0, freqs, spec_np, background,
-                  envelope, spec_np, spec_np)
-    target = fit0.defocus
+    target = mean_defocus(nodes_a, shape)
     ax, ay = (float(v) * 1e4 for v in to_numpy(astig))
     a = math.hypot(ax, ay)
     angle = 0.5 * math.degrees(math.atan2(ay, ax))

@@ -432,14 +432,9 @@ def _hash(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _movie_input_options(s: SessionSettings) -> dict:
-    m = dataclasses.asdict(s.movie)
-    return m
-
-
 def step_keys(settings: SessionSettings, pixel_size: float) -> dict[str, str]:
     """The key each step's stored record must have to be up to date, for a movie of ``pixel_size`` Å/px."""
-    movie = _movie_input_options(settings)
+    movie = dataclasses.asdict(settings.movie)
     motion = _hash({"movie": movie, "motion": settings_params(settings.motion_for(pixel_size))})
     ctf_input = motion if settings.ctf_from == "average" else _hash({"movie": movie})
     ctf = _hash({"from": settings.ctf_from, "input": ctf_input, "ctf": settings_params(settings.ctf_for(pixel_size))})
@@ -834,9 +829,9 @@ class Session:
                 ready = self.tracker.poll(movies)
             first = False
             work = self.todo(ready)
-            self._report(len(movies))
+            self._report(movies)
             if work:
-                self._process(work, len(movies))
+                self._process(work, movies)
             if work or self._selection_changed(movies):  # filters, manual choices, new results
                 self._outputs(movies)
             if once and not work:
@@ -845,11 +840,10 @@ class Session:
                 self._stop.wait(self.poll)
         return self.stats
 
-    def _report(self, total: int) -> None:
+    def _report(self, movies: Sequence[Path]) -> None:
         if self.on_progress is not None:
-            done = sum(1 for p in discover(self.settings, self.folder)
-                       if self.record(p)["status"] in ("processed", "failed"))
-            self.on_progress(self.stats, done, total)
+            done = sum(1 for p in movies if self.record(p)["status"] in ("processed", "failed"))
+            self.on_progress(self.stats, done, len(movies))
 
     def _finish(self, path: Path, rec: dict) -> None:
         since = self.tracker.ready_since(path)
@@ -862,7 +856,7 @@ class Session:
         if self.on_item is not None:
             self.on_item(rec)
 
-    def _process(self, work: list[Path], total: int) -> None:
+    def _process(self, work: list[Path], movies: Sequence[Path]) -> None:
         if self.client is not None:
             from dask.distributed import as_completed
 
@@ -870,7 +864,7 @@ class Session:
                                           pure=False): p for p in work}
             for fut in as_completed(list(futures)):
                 self._finish(futures[fut], fut.result())
-                self._report(total)
+                self._report(movies)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
             nxt = pool.submit(_safe_load, work[0], self.settings, self.folder)
@@ -889,7 +883,7 @@ class Session:
                     _mark_current(self.folder, None)
                     self.current = None
                 self._finish(p, rec)
-                self._report(total)
+                self._report(movies)
 
     def _stamps(self, movies: Sequence[Path]) -> list:
         out = []
