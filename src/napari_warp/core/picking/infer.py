@@ -1,0 +1,259 @@
+"""Tiled BoxNet inference and the paper's post-processing into picks and an artifact mask.
+
+A micrograph is Fourier-rescaled to the model's 8 Å/px, cut into 256² tiles overlapping by 64 px, each tile is
+normalised (mean 0, std 1) and segmented; the tiles' softmax outputs are blended with a smooth weight. Picks are the
+centroids of connected components of "particle" pixels whose softmax reaches the threshold; of two picks closer
+than the particle diameter, the one with the bigger component is kept. The artifact mask is softmax ≥ 0.1 with
+components under 20 px (at 8 Å/px) removed; picks closer than ``mask_distance`` to it are dropped.
+
+The probabilities are kept with the picks, so a new threshold is applied instantly (``apply_threshold``) without
+running the network again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..device import get_device, ndimage, to_numpy
+from ..fourier import fourier_rescale
+from .model import PickingModel, load_model
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class BoxNetSettings:
+    """Picking settings.
+
+    pixel_size: Å/px of the input micrograph. diameter: particle diameter in Å (picks closer than this are merged).
+    threshold: minimum "particle" softmax (paper default 0.95). mask_threshold: "artifact" softmax that masks (0.1);
+    min_mask_area: px at 8 Å/px, smaller mask components are dropped (20). mask_distance: Å, picks closer than this
+    to the mask are dropped (None: half the diameter). tile: px at 8 Å/px (256); overlap: px (64).
+    batch_size: tiles per network call. model: model file ('' = the shipped generic model).
+    """
+
+    pixel_size: float = 1.0
+    diameter: float = 150.0
+    threshold: float = 0.95
+    mask_threshold: float = 0.1
+    min_mask_area: int = 20
+    mask_distance: float | None = None
+    tile: int = 256
+    overlap: int = 64
+    batch_size: int = 4
+    model: str = ""
+
+    @property
+    def mask_distance_angstrom(self) -> float:
+        return 0.5 * self.diameter if self.mask_distance is None else float(self.mask_distance)
+
+
+@dataclass
+class Picks:
+    """Result of ``pick``: positions in pixels of the input image, scores, and the artifact mask.
+
+    yx: ``(N, 2)`` px ``(y, x)``. score: ``(N,)`` peak "particle" softmax of each pick's component.
+    mask: ``(Y, X)`` bool artifact mask at the input sampling. probabilities: ``(3, Ym, Xm)`` float32 softmax at the
+    model sampling (``model_pixel_size`` Å/px). input_shape: ``(Y, X)``. model: the model's label (name v (digest)).
+    area: ``(N,)`` px at the model sampling, size of each pick's component.
+    """
+
+    yx: np.ndarray
+    score: np.ndarray
+    mask: np.ndarray
+    probabilities: np.ndarray
+    input_shape: tuple[int, int]
+    model_pixel_size: float
+    settings: BoxNetSettings
+    model: str = ""
+    area: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.yx)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------------------------
+def to_model_sampling(image, pixel_size: float, model_pixel_size: float = 8.0, device=None) -> torch.Tensor:
+    """``(Y, X)`` image at ``pixel_size`` Å/px → ``(Ym, Xm)`` float32 at ~``model_pixel_size`` (Fourier crop/pad)."""
+    x = torch.as_tensor(np.asarray(image, dtype=np.float32) if not isinstance(image, torch.Tensor) else image,
+                        dtype=torch.float32, device=get_device(device))
+    out, _ = fourier_rescale(x, float(pixel_size), float(model_pixel_size))
+    return out
+
+
+def model_to_input(yx: np.ndarray, model_shape, input_shape) -> np.ndarray:
+    """Map ``(N, 2)`` positions at the model sampling to the input image (Fourier resampling keeps pixel N//2)."""
+    m, n = np.asarray(model_shape, dtype=float), np.asarray(input_shape, dtype=float)
+    return (np.asarray(yx, dtype=float) - m // 2) * (n / m) + n // 2
+
+
+def input_to_model(yx: np.ndarray, input_shape, model_shape) -> np.ndarray:
+    """Inverse of ``model_to_input``."""
+    m, n = np.asarray(model_shape, dtype=float), np.asarray(input_shape, dtype=float)
+    return (np.asarray(yx, dtype=float) - n // 2) * (m / n) + m // 2
+
+
+def normalize(tiles: torch.Tensor) -> torch.Tensor:
+    """Each ``(..., H, W)`` tile to mean 0, std 1 (the network's input convention)."""
+    mean = tiles.mean(dim=(-2, -1), keepdim=True)
+    std = tiles.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    return (tiles - mean) / std
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# segmentation
+# ---------------------------------------------------------------------------------------------------------------
+def tile_origins(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets covering ``[0, size)`` with tiles of ``tile`` px overlapping by at least ``overlap`` px."""
+    if size <= tile:
+        return [0]
+    n = math.ceil((size - overlap) / (tile - overlap))
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+
+
+def _blend_weight(tile: int, overlap: int, device) -> torch.Tensor:
+    """``(tile, tile)`` weight: 1 in the middle, a raised-cosine ramp over ``overlap/2`` px at the borders."""
+    ramp = max(overlap // 2, 1)
+    t = torch.arange(tile, dtype=torch.float32, device=device)
+    edge = torch.minimum(t, tile - 1 - t)
+    w = torch.where(edge < ramp, 0.5 - 0.5 * torch.cos(math.pi * (edge + 1) / (ramp + 1)), torch.ones_like(t))
+    return w[:, None] * w[None, :]
+
+
+def segment(image: torch.Tensor, model: PickingModel, tile: int = 256, overlap: int = 64, batch_size: int = 4,
+            progress: Progress | None = None) -> torch.Tensor:
+    """Softmax ``(3, Y, X)`` of an image ``(Y, X)`` already at the model sampling, from overlapping tiles.
+
+    Images smaller than a tile are reflection-padded; all tiles go through the network in batches.
+    """
+    net = model.net
+    device = next(net.parameters()).device
+    img = image.to(device=device, dtype=torch.float32)
+    Y, X = img.shape
+    pad_y, pad_x = max(0, tile - Y), max(0, tile - X)
+    if pad_y or pad_x:  # reflect needs pad < size: fall back to replicate for tiny images
+        mode = "reflect" if pad_y < Y and pad_x < X else "replicate"
+        img = F.pad(img[None, None], (0, pad_x, 0, pad_y), mode=mode)[0, 0]
+    H, W = img.shape
+    origins = [(y, x) for y in tile_origins(H, tile, overlap) for x in tile_origins(W, tile, overlap)]
+    weight = _blend_weight(tile, overlap, device)
+    acc = torch.zeros((3, H, W), device=device)
+    norm = torch.zeros((H, W), device=device)
+    net.eval()
+    with torch.inference_mode():
+        for start in range(0, len(origins), batch_size):
+            chunk = origins[start:start + batch_size]
+            tiles = torch.stack([img[y:y + tile, x:x + tile] for y, x in chunk])[:, None]
+            prob = torch.softmax(net(normalize(tiles)), dim=1)
+            for (y, x), p in zip(chunk, prob):
+                acc[:, y:y + tile, x:x + tile] += p * weight
+                norm[y:y + tile, x:x + tile] += weight
+            if progress:
+                progress(min(start + batch_size, len(origins)), len(origins))
+    return (acc / norm.clamp_min(1e-6))[:, :Y, :X]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# post-processing
+# ---------------------------------------------------------------------------------------------------------------
+def artifact_mask(p_artifact: np.ndarray, threshold: float = 0.1, min_area: int = 20) -> np.ndarray:
+    """Bool mask of ``p_artifact ≥ threshold`` without connected components smaller than ``min_area`` px."""
+    nd = ndimage()
+    mask = p_artifact >= threshold
+    labels, n = nd.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_area
+    keep[0] = False
+    return keep[labels]
+
+
+def particle_components(p_particle: np.ndarray, threshold: float):
+    """Centroids ``(N, 2)``, peak scores ``(N,)`` and areas ``(N,)`` of components of ``p_particle ≥ threshold``."""
+    nd = ndimage()
+    labels, n = nd.label(p_particle >= threshold)
+    if n == 0:
+        return np.zeros((0, 2)), np.zeros(0), np.zeros(0, dtype=int)
+    index = np.arange(1, n + 1)
+    centres = np.asarray(nd.center_of_mass(np.ones_like(p_particle), labels, index), dtype=float).reshape(-1, 2)
+    score = np.asarray(nd.maximum(p_particle, labels, index), dtype=float)
+    area = np.bincount(labels.ravel())[1:]
+    return centres, score, area
+
+
+def resolve_overlaps(yx: np.ndarray, area: np.ndarray, distance: float) -> np.ndarray:
+    """Indices of picks kept when any two closer than ``distance`` keep only the one with the bigger component."""
+    from scipy.spatial import cKDTree
+
+    order = np.argsort(-area, kind="stable")
+    kept: list[int] = []
+    taken = np.zeros(len(yx), dtype=bool)
+    tree = cKDTree(yx) if len(yx) else None
+    for i in order:  # loop over picks (hundreds), not pixels
+        if taken[i]:
+            continue
+        kept.append(i)
+        taken[tree.query_ball_point(yx[i], r=distance - 1e-9)] = True
+    return np.sort(np.asarray(kept, dtype=int))
+
+
+def _nearest_model_index(n: int, m: int) -> np.ndarray:
+    """For each of ``n`` input pixels along an axis, the nearest of ``m`` model pixels (``input_to_model`` in 1D)."""
+    return np.clip(np.rint((np.arange(n) - n // 2) * (m / n) + m // 2).astype(int), 0, m - 1)
+
+
+def apply_threshold(picks: Picks, threshold: float | None = None, **changes) -> Picks:
+    """Picks from the stored probabilities with a new threshold (or other post-processing settings); no network."""
+    settings = replace(picks.settings, **({"threshold": threshold} if threshold is not None else {}), **changes)
+    return _postprocess(picks.probabilities, picks.input_shape, picks.model_pixel_size, settings, picks.model)
+
+
+def _postprocess(prob: np.ndarray, input_shape, model_pixel_size: float, s: BoxNetSettings, label: str) -> Picks:
+    scale = model_pixel_size
+    mask_m = artifact_mask(prob[2], s.mask_threshold, s.min_mask_area)
+    yx, score, area = particle_components(prob[1], s.threshold)
+    if len(yx):
+        keep = resolve_overlaps(yx, area.astype(float), s.diameter / scale)
+        yx, score, area = yx[keep], score[keep], area[keep]
+    if len(yx) and mask_m.any():
+        dist = ndimage().distance_transform_edt(~mask_m)
+        iy = np.clip(np.round(yx[:, 0]).astype(int), 0, mask_m.shape[0] - 1)
+        ix = np.clip(np.round(yx[:, 1]).astype(int), 0, mask_m.shape[1] - 1)
+        ok = dist[iy, ix] * scale >= s.mask_distance_angstrom
+        yx, score, area = yx[ok], score[ok], area[ok]
+    model_shape = prob.shape[1:]
+    rows, cols = (_nearest_model_index(n, m) for n, m in zip(input_shape, model_shape))
+    mask = mask_m[rows[:, None], cols[None, :]]
+    return Picks(yx=model_to_input(yx, model_shape, input_shape).reshape(-1, 2), score=score, mask=mask,
+                 probabilities=prob, input_shape=tuple(input_shape), model_pixel_size=scale, settings=s,
+                 model=label, area=area)
+
+
+def pick(image, settings: BoxNetSettings, model: PickingModel | str | None = None, device=None,
+         progress: Progress | None = None) -> Picks:
+    """Pick particles in a micrograph ``(Y, X)`` (numpy or torch) at ``settings.pixel_size`` Å/px.
+
+    model: a ``PickingModel``, a model file path, or None for ``settings.model`` (empty: the shipped generic
+    model). Returns ``Picks`` with positions in pixels of ``image``.
+    """
+    dev = get_device(device)
+    if not isinstance(model, PickingModel):
+        model = load_model(model or settings.model or None, device=dev)
+    else:
+        model.net.to(dev)
+    arr = image if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim != 2:
+        raise ValueError(f"pick expects a 2D micrograph (Y, X), got shape {tuple(arr.shape)}")
+    scaled = to_model_sampling(arr, settings.pixel_size, model.pixel_size, device=dev)
+    prob = segment(scaled, model, settings.tile, settings.overlap, settings.batch_size, progress)
+    actual = settings.pixel_size * arr.shape[-1] / scaled.shape[-1]  # rescaled sizes are rounded to even
+    return _postprocess(to_numpy(prob).astype(np.float32), tuple(arr.shape), actual, settings, model.label)
