@@ -646,3 +646,57 @@ def test_dask_local_cluster_gives_the_local_results(tmp_path, movies):
         for key in ("defocus", "astigmatism", "astigmatism_angle"):
             assert b[name]["metrics"][key] == pytest.approx(a[name]["metrics"][key], rel=1e-3), (name, key)
         assert {s: v["key"] for s, v in b[name]["steps"].items()} == {s: v["key"] for s, v in a[name]["steps"].items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. BoxNet picking as a session step
+# ---------------------------------------------------------------------------------------------------------------
+def test_picking_step_is_outdated_by_its_settings_and_the_model_content(tmp_path, movies):
+    import torch
+
+    from napari_warp.core.picking import BoxNet, PickingModel, save_model
+    from napari_warp.core.picking.io import read_picks_star
+
+    torch.manual_seed(0)
+    model_path = save_model(PickingModel(BoxNet(width=4), name="unit", version="1"), tmp_path / "unit.pt")
+    folder = put(tmp_path / "s", movies, ["m12"])
+    once_here(folder)
+    s0 = step_records(records(folder))
+    assert "picking" not in s0["m12"]  # picking is off by default
+
+    # switching picking on runs only the picking step; its files and record name the model
+    done = once_here(folder, "session.pick=true", f"picking.model={model_path}", "picking.threshold=0.3",
+                     "picking.diameter=120")
+    assert len(done) == 1
+    rec = records(folder)["m12"]
+    s1 = step_records({"m12": rec})
+    assert s1["m12"]["motion"] == s0["m12"]["motion"] and s1["m12"]["ctf"] == s0["m12"]["ctf"]
+    assert rec["status"] == "processed" and rec["steps"]["picking"]["up_to_date"]
+    table = read_picks_star(folder / "picks" / "m12.star")
+    meta = read_warp_xml(folder / "m12.xml")
+    assert meta.get_attr("BoxNetModel").startswith("unit v1 (")
+    assert table.info["model"] == meta.get_attr("BoxNetModel")
+    assert int(meta.get_attr("ParticleCount")) == len(table.yx) == rec["metrics"]["particles"]
+    assert meta.get_params("OptionsBoxNet")["threshold"] == "0.3"
+    mask = __import__("tifffile").imread(folder / "mask" / "m12.tif")
+    assert mask.shape == (512, 512) and mask.dtype == np.uint8
+
+    # a threshold change: picking only
+    assert len(once_here(folder, "picking.threshold=0.4")) == 1
+    s2 = step_records(records(folder))
+    assert s2["m12"]["picking"] != s1["m12"]["picking"]
+    assert s2["m12"]["motion"] == s1["m12"]["motion"] and s2["m12"]["ctf"] == s1["m12"]["ctf"]
+    assert once_here(folder) == []
+
+    # the same model file rewritten with other weights (a retrained model): picking is outdated again
+    save_model(PickingModel(BoxNet(width=4), name="unit", version="1"), model_path)
+    assert records(folder)["m12"]["status"] == "outdated"
+    assert len(once_here(folder)) == 1
+    s3 = step_records(records(folder))
+    assert s3["m12"]["picking"] != s2["m12"]["picking"] and s3["m12"]["motion"] == s2["m12"]["motion"]
+
+    # a motion change re-picks (the average changed); a particle-count filter filters the item
+    assert len(once_here(folder, "motion.bfactor=-300", "filters.particles_min=100000")) == 1
+    rec = records(folder)["m12"]
+    assert step_records({"m12": rec})["m12"]["picking"] != s3["m12"]["picking"]
+    assert rec["status"] == "filtered" and "particles" in rec["filter_reasons"][0]

@@ -389,7 +389,8 @@ def run_process(args) -> int:
             m = rec["metrics"]
             bits = [f"motion {m['motion']:.2f} Å" if m.get("motion") is not None else None,
                     f"defocus {m['defocus']:.3f} µm" if m.get("defocus") is not None else None,
-                    f"fit to {m['fit_resolution']:.2f} Å" if m.get("fit_resolution") else None]
+                    f"fit to {m['fit_resolution']:.2f} Å" if m.get("fit_resolution") else None,
+                    f"{m['particles']:.0f} particles" if m.get("particles") is not None else None]
             print(f"\r{rec['name']}: {', '.join(b for b in bits if b)}", flush=True)
 
     def progress(stats, done, total):
@@ -438,10 +439,65 @@ def run_status(args) -> int:
         m = r["metrics"]
         what = r["error"] or "; ".join(r.get("filter_reasons") or []) or (
             f"defocus {m['defocus']:.3f} µm, fit to {m['fit_resolution']:.2f} Å" if m.get("defocus") is not None
-            else "")
+            else "") + (f", {m['particles']:.0f} particles" if m.get("particles") is not None else "")
         print(f"{r['name']:<32} {r['status']:<12} {what}")
     print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no items")
     return 0
+
+
+def run_boxnet_train(args) -> int:
+    """Train a BoxNet from simulated micrographs and/or CryoPPP sets (the generic model), or retrain one."""
+    import platform
+
+    from .core.picking import PickingModel, load_model, save_model
+    from .core.picking.data import cryoppp_example, cryoppp_items, simulated_examples
+    from .core.picking.model import BoxNet
+    from .core.picking.train import TrainingSettings, train
+
+    data_dir = args.data if args.data is not None else _shared_data()
+    examples = []
+    if args.simulated:
+        examples += simulated_examples(args.simulated, data_dir, seed=args.seed, cache=args.cache,
+                                       progress=_progress("simulating micrographs"))
+    if args.cryoppp:
+        items = cryoppp_items(args.cryoppp, sets=tuple(args.sets.split(",")), splits=("train",))
+        examples += [cryoppp_example(it) for it in items]
+    if not examples:
+        print("napari-warp boxnet train: no training data (use --simulated N and/or --cryoppp DIR)", file=sys.stderr)
+        return 2
+    base = load_model(args.init) if args.init else PickingModel(BoxNet(width=args.width))
+    settings = TrainingSettings(epochs=args.epochs, batch_size=args.batch, window=args.window,
+                                learning_rate=args.lr, patience=args.patience, seed=args.seed)
+    record = {"simulated": args.simulated, "simulated_seed": args.seed,
+              "cryoppp_sets": args.sets if args.cryoppp else "", "examples": len(examples),
+              "init": str(args.init or "random"), "epochs": args.epochs, "window": args.window,
+              "batch": args.batch, "lr": args.lr, "command": " ".join(sys.argv[1:]),
+              "machine": platform.platform()}
+
+    def checkpoint(history, net):
+        model = PickingModel(net=net, name=args.name, version=args.version,
+                             trained_on={**record, "history": history.as_dict()})
+        save_model(model, args.out)
+        print(f"\repoch {history.epoch[-1]}: loss {history.loss[-1]:.4f}, particle F1 {history.new_on_new[-1]:.3f}"
+              f" ({history.seconds:.0f} s) -> {args.out}", file=sys.stderr, flush=True)
+
+    model, history = train(base, examples, None, settings, device=args.device,
+                           progress=_progress("training"), on_epoch=checkpoint)
+    model.name, model.version = args.name, args.version
+    model.trained_on = {**record, "history": history.as_dict()}
+    save_model(model, args.out)
+    print(f"{model.label}: best epoch {history.best_epoch}, particle F1 {max(history.new_on_new):.3f}, "
+          f"{history.seconds / 60:.1f} min -> {args.out}")
+    return 0
+
+
+def _shared_data() -> Path | None:
+    import os
+
+    for p in (os.environ.get("NAPARI_WARP_TEST_DATA"), Path.cwd().parent / "shared" / "data"):
+        if p and Path(p).is_dir():
+            return Path(p)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -506,8 +562,31 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("folder", type=Path)
     status.add_argument("--out", type=Path, help="processing folder (default: the folder itself)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    boxnet = sub.add_parser("boxnet", help="BoxNet particle picking: train a model")
+    bsub = boxnet.add_subparsers(dest="boxnet_command", required=True)
+    bt = bsub.add_parser("train", help="train (or retrain) a BoxNet model, with checkpoints after every epoch")
+    bt.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
+    bt.add_argument("--simulated", type=int, default=0, help="number of simulated micrographs")
+    bt.add_argument("--cryoppp", type=Path, help="CryoPPP folder (<set>/train/{images,labels}/*.png)")
+    bt.add_argument("--sets", default="10059,10947", help="CryoPPP sets to train on (default 10059,10947)")
+    bt.add_argument("--data", type=Path, help="shared data folder for PDB models and MTFs (default ../shared/data)")
+    bt.add_argument("--cache", type=Path, help=".npz cache of the simulated micrographs")
+    bt.add_argument("--init", type=Path, help="model to start from (default: a new network)")
+    bt.add_argument("--width", type=int, default=8, help="channels of the first layer of a new network (paper: 32)")
+    bt.add_argument("--epochs", type=int, default=100)
+    bt.add_argument("--batch", type=int, default=8, help="windows per step")
+    bt.add_argument("--window", type=int, default=128, help="training window in px at 8 Å/px")
+    bt.add_argument("--lr", type=float, default=2e-3, help="initial learning rate (cosine decay to 1 %%)")
+    bt.add_argument("--patience", type=int, default=0, help="stop after this many epochs without improvement")
+    bt.add_argument("--name", default="boxnet-generic")
+    bt.add_argument("--version", default="1")
+    bt.add_argument("--seed", type=int, default=0)
+    bt.add_argument("--device", help="torch device (default: CUDA when present)")
     args = parser.parse_args(argv)
 
+    if args.command == "boxnet":
+        return run_boxnet_train(args)
     if args.command == "process":
         return run_process(args)
     if args.command == "status":

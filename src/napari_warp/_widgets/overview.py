@@ -25,6 +25,7 @@ METRICS = (
     ("phase_shift", "Phase shift (°)"),
     ("fit_resolution", "Fit resolution (Å)"),
     ("motion", "Motion (Å)"),
+    ("particles", "Particles (BoxNet)"),
 )
 POINT_COLOURS = {"pass": "#43a047", "filtered": "#fb8c00", "deselected": "#9e9e9e"}
 
@@ -169,12 +170,12 @@ class OverviewWidget(Container):
         return np.array(order, int), np.array(values, float), np.array(index, int), classes
 
     def shown_metrics(self) -> list:
-        """The metrics plotted: phase shift only when some item has a non-zero one."""
+        """The metrics plotted: phase shift only when some item has a non-zero one, particles when picked."""
         out = []
         for key, label in METRICS:
-            if key == "phase_shift":
+            if key in ("phase_shift", "particles"):
                 _, v, _, _ = self.metric_values(key)
-                if not np.any(np.abs(v) > 1e-6):
+                if not (np.any(np.abs(v) > 1e-6) if key == "phase_shift" else len(v)):
                     continue
             out.append((key, label))
         return out
@@ -276,6 +277,8 @@ class OverviewWidget(Container):
             return [f.resolution_max]
         if key == "motion" and f.motion_max > 0:
             return [f.motion_max]
+        if key == "particles" and f.particles_min > 0:
+            return [float(f.particles_min)]
         if key == "astigmatism" and f.astigmatism_sigma > 0:
             _, v, _, classes = self.metric_values(key)
             if len(v) >= 3:
@@ -423,4 +426,6 @@ class OverviewWidget(Container):
                      else "astigmatism: any")
         parts.append(f"fit resolution ≤ {f.resolution_max:g} Å" if f.resolution_max > 0 else "fit resolution: any")
         parts.append(f"motion ≤ {f.motion_max:g} Å" if f.motion_max > 0 else "motion: any")
+        if f.particles_min > 0:
+            parts.append(f"particles ≥ {f.particles_min}")
         return "Filters: " + " · ".join(parts) + "."

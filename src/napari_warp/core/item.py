@@ -7,6 +7,8 @@ Layout (as Warp writes it, so Warp users find their files)::
     <folder>/average/odd/<name>.mrc      odd-frame half average   (even: average/even/)
     <folder>/motion/<name>.star          RELION 3.1 motion STAR (for Bayesian polishing)
     <folder>/powerspectrum/<name>.mrc    mean patch power spectrum of the CTF fit (rfft half, DC at [0, 0])
+    <folder>/picks/<name>.star           BoxNet picks (rlnCoordinateX/Y px of the average, figure of merit, model)
+    <folder>/mask/<name>.tif             BoxNet artifact mask (uint8, 1 = artifact) at the average's sampling
 
 Every file is written atomically; the XML is written last, so an item whose XML names a result has that result.
 """
@@ -62,6 +64,14 @@ class ItemPaths:
     @property
     def aligned_stack(self) -> Path:
         return self.folder / "aligned" / f"{self.name}.mrcs"
+
+    @property
+    def picks(self) -> Path:
+        return self.folder / "picks" / f"{self.name}.star"
+
+    @property
+    def mask(self) -> Path:
+        return self.folder / "mask" / f"{self.name}.tif"
 
 
 def item_paths(folder: str | Path, movie_path: str | Path) -> ItemPaths:
@@ -208,3 +218,43 @@ def load_ctf(folder: str | Path, movie_path: str | Path):
         return None
     spectrum = read_mrc_volume(paths.power_spectrum)[0][0] if paths.power_spectrum.exists() else None
     return ctf_from_xml(meta, spectrum_2d=spectrum)
+
+
+def run_picking_step(
+    average,
+    settings,
+    folder: str | Path,
+    movie_path: str | Path,
+    *,
+    model=None,
+    device=None,
+    progress: Progress | None = None,
+) -> dict:
+    """Pick particles in the aligned ``average`` ``(Y, X)`` with BoxNet (``settings``: ``BoxNetSettings`` at the
+    average's pixel size; ``model``: a loaded ``PickingModel``, else ``settings.model`` or the generic one). Writes
+    the picks STAR and the artifact mask, then the item XML (``<OptionsBoxNet>``, ``BoxNetModel``,
+    ``ParticleCount``). Returns the ``Picks`` (``"picks"``), the count and the paths."""
+    import tifffile
+
+    from .io.atomic import atomic_path
+    from .picking import load_model, pick
+    from .picking.io import write_picks_star
+
+    paths = item_paths(folder, movie_path)
+    t0 = time.perf_counter()
+    if model is None:
+        model = load_model(settings.model or None, device=device)
+    picks = pick(average, settings, model=model, device=device, progress=progress)
+    write_picks_star(paths.picks, picks.yx, picks.score, micrograph_name=paths.average.name, model=picks.model,
+                     diameter=settings.diameter, threshold=settings.threshold)
+    paths.mask.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(paths.mask) as tmp:
+        tifffile.imwrite(tmp, picks.mask.astype(np.uint8), compression="zlib")
+    meta = load_metadata(paths, movie_path)
+    meta.set_params("OptionsBoxNet", settings_params(settings))
+    meta.set_attr("BoxNetModel", picks.model)
+    meta.set_attr("ParticleCount", len(picks))
+    meta.set_attr("PickingProcessedAt", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    meta.write(paths.xml)
+    return {"particles": len(picks), "model": picks.model, "seconds": round(time.perf_counter() - t0, 2),
+            "picks_star": str(paths.picks), "mask": str(paths.mask), "xml": str(paths.xml), "picks": picks}

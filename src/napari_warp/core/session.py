@@ -44,9 +44,12 @@ from .item import (
     load_metadata,
     run_ctf_step,
     run_motion_step,
+    run_picking_step,
     settings_params,
 )
 from .motion import MotionSettings
+from .picking import BoxNetSettings, load_model
+from .picking.model import model_file_id
 
 __all__ = [
     "SETTINGS_FILE",
@@ -70,8 +73,8 @@ __all__ = [
 ]
 
 SETTINGS_FILE = "napari-warp.settings.toml"
-STEPS = ("motion", "ctf")
-_PROCESSING_DIRS = {"average", "motion", "powerspectrum", "aligned", "deconvolved"}
+STEPS = ("motion", "ctf", "picking")  # picking only when SessionSettings.pick
+_PROCESSING_DIRS = {"average", "motion", "powerspectrum", "aligned", "deconvolved", "picks", "mask"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,7 +103,8 @@ class QualityFilters:
 
     defocus_min/max: µm. astigmatism_sigma: σ above the session's mean astigmatism. phase_min/max: degrees
     (only for items with a fitted phase). resolution_max: Å, the CTF fit must reach at least this resolution.
-    motion_max: Å, mean frame-to-frame movement in the first third of the exposure.
+    motion_max: Å, mean frame-to-frame movement in the first third of the exposure. particles_min: items with fewer
+    BoxNet picks are filtered out (only when picking is on).
     """
 
     defocus_min: float = 0.0
@@ -110,6 +114,7 @@ class QualityFilters:
     phase_max: float = 0.0
     resolution_max: float = 0.0
     motion_max: float = 0.0
+    particles_min: int = 0
 
 
 def _template_motion() -> MotionSettings:
@@ -120,7 +125,12 @@ def _template_ctf() -> CTFSettings:
     return CTFSettings(pixel_size=1.0)
 
 
-_PER_MOVIE = {"motion": ("pixel_size", "exposure_per_frame"), "ctf": ("pixel_size",)}
+def _template_picking() -> BoxNetSettings:
+    return BoxNetSettings(pixel_size=1.0)
+
+
+_PER_MOVIE = {"motion": ("pixel_size", "exposure_per_frame"), "ctf": ("pixel_size",), "picking": ("pixel_size",)}
+_TOP = ("input", "pattern", "recursive", "ctf_from", "pick")
 
 
 @dataclass(frozen=True)
@@ -129,17 +139,20 @@ class SessionSettings:
 
     input: the folder watched. pattern: space-separated globs. recursive: also look in sub-folders.
     ctf_from: "average" (the aligned average; depends on motion) or "frames" (sum of the raw frames' spectra).
-    movie, motion, ctf, filters: the sections. ``motion`` and ``ctf`` are templates: their pixel size and dose are
-    replaced per movie (from ``movie`` or the file header) and are not written to the file.
+    pick: run BoxNet on each aligned average (``picking`` settings).
+    movie, motion, ctf, picking, filters: the sections. ``motion``, ``ctf`` and ``picking`` are templates: their
+    pixel size and dose are replaced per movie (from ``movie`` or the file header) and are not written to the file.
     """
 
     input: str = "."
     pattern: str = "*.tif *.tiff *.mrc *.mrcs *.eer *.em"
     recursive: bool = False
     ctf_from: str = "average"
+    pick: bool = False
     movie: MovieOptions = field(default_factory=MovieOptions)
     motion: MotionSettings = field(default_factory=_template_motion)
     ctf: CTFSettings = field(default_factory=_template_ctf)
+    picking: BoxNetSettings = field(default_factory=_template_picking)
     filters: QualityFilters = field(default_factory=QualityFilters)
 
     def __post_init__(self):
@@ -148,9 +161,9 @@ class SessionSettings:
 
     def sections(self) -> dict[str, dict]:
         """The settings as the file's sections (plain values)."""
-        top = {"input": self.input, "pattern": self.pattern, "recursive": self.recursive, "ctf_from": self.ctf_from}
+        top = {k: getattr(self, k) for k in _TOP}
         out = {"session": top, "movie": dataclasses.asdict(self.movie), "filters": dataclasses.asdict(self.filters)}
-        for name in ("motion", "ctf"):
+        for name in ("motion", "ctf", "picking"):
             values = {f.name: getattr(getattr(self, name), f.name) for f in fields(getattr(self, name))}
             for key in _PER_MOVIE[name]:
                 values.pop(key)
@@ -162,6 +175,9 @@ class SessionSettings:
 
     def ctf_for(self, pixel_size: float) -> CTFSettings:
         return replace(self.ctf, pixel_size=pixel_size)
+
+    def picking_for(self, pixel_size: float) -> BoxNetSettings:
+        return replace(self.picking, pixel_size=pixel_size)
 
 
 def _toml_value(v) -> str:
@@ -256,6 +272,7 @@ SETTING_LABELS: dict[str, tuple[str, str]] = {
     "session.pattern": ("File pattern", "globs"),
     "session.recursive": ("Include sub-folders", ""),
     "session.ctf_from": ("Fit CTF from", "average or frames"),
+    "session.pick": ("Pick particles", "BoxNet"),
     "movie.pixel_size": ("Pixel size", "Å, 0 = header"),
     "movie.exposure": ("Exposure", "e/Å² per frame"),
     "movie.gain": ("Gain reference", "file, empty = none"),
@@ -295,6 +312,15 @@ SETTING_LABELS: dict[str, tuple[str, str]] = {
     "ctf.grid": ("Defocus grid", "x×y nodes"),
     "ctf.pixel_size_delta": ("Mag. anisotropy", "Å"),
     "ctf.pixel_size_angle": ("Mag. anisotropy angle", "°"),
+    "picking.diameter": ("Particle diameter", "Å"),
+    "picking.threshold": ("Pick threshold", "particle softmax"),
+    "picking.mask_threshold": ("Artifact threshold", "artifact softmax"),
+    "picking.min_mask_area": ("Min artifact area", "px at 8 Å/px"),
+    "picking.mask_distance": ("Distance to artifacts", "Å, auto = radius"),
+    "picking.tile": ("Tile", "px at 8 Å/px"),
+    "picking.overlap": ("Tile overlap", "px at 8 Å/px"),
+    "picking.batch_size": ("Tiles per batch", ""),
+    "picking.model": ("BoxNet model", "file, empty = generic"),
     "filters.defocus_min": ("Keep defocus from", "µm, 0 = off"),
     "filters.defocus_max": ("Keep defocus to", "µm, 0 = off"),
     "filters.astigmatism_sigma": ("Max astigmatism", "σ above mean, 0 = off"),
@@ -302,17 +328,18 @@ SETTING_LABELS: dict[str, tuple[str, str]] = {
     "filters.phase_max": ("Keep phase to", "°, 0 = off"),
     "filters.resolution_max": ("Worst fit resolution", "Å, 0 = off"),
     "filters.motion_max": ("Max motion", "Å, 0 = off"),
+    "filters.particles_min": ("Min particles", "0 = off"),
 }
 
 
 def settings_from_sections(sections: dict[str, dict]) -> SessionSettings:
     """Inverse of ``SessionSettings.sections`` (unknown sections or keys raise ValueError naming them)."""
     base = SessionSettings()
-    unknown = set(sections) - {"session", "movie", "motion", "ctf", "filters"}
+    unknown = set(sections) - {"session", "movie", "motion", "ctf", "picking", "filters"}
     if unknown:
         raise ValueError(f"unknown settings section(s): {', '.join(sorted(unknown))}")
     top = dict(sections.get("session", {}))
-    extra = set(top) - {"input", "pattern", "recursive", "ctf_from"}
+    extra = set(top) - set(_TOP)
     if extra:
         raise ValueError(f"[session] has no setting(s) {', '.join(sorted(extra))}")
     out = replace(
@@ -322,9 +349,12 @@ def settings_from_sections(sections: dict[str, dict]) -> SessionSettings:
         recursive=_coerce(next(f for f in fields(SessionSettings) if f.name == "recursive"), False,
                           top.get("recursive", base.recursive), "session.recursive"),
         ctf_from=str(top.get("ctf_from", base.ctf_from)),
+        pick=_coerce(next(f for f in fields(SessionSettings) if f.name == "pick"), False,
+                     top.get("pick", base.pick), "session.pick"),
         movie=_build(MovieOptions, base.movie, sections.get("movie", {}), "movie"),
         motion=_build(MotionSettings, base.motion, sections.get("motion", {}), "motion"),
         ctf=_build(CTFSettings, base.ctf, sections.get("ctf", {}), "ctf"),
+        picking=_build(BoxNetSettings, base.picking, sections.get("picking", {}), "picking"),
         filters=_build(QualityFilters, base.filters, sections.get("filters", {}), "filters"),
     )
     return out
@@ -438,7 +468,11 @@ def step_keys(settings: SessionSettings, pixel_size: float) -> dict[str, str]:
     motion = _hash({"movie": movie, "motion": settings_params(settings.motion_for(pixel_size))})
     ctf_input = motion if settings.ctf_from == "average" else _hash({"movie": movie})
     ctf = _hash({"from": settings.ctf_from, "input": ctf_input, "ctf": settings_params(settings.ctf_for(pixel_size))})
-    return {"motion": motion, "ctf": ctf}
+    keys = {"motion": motion, "ctf": ctf}
+    if settings.pick:  # the model file's content is part of the key: a retrained model makes picking outdated
+        keys["picking"] = _hash({"input": motion, "picking": settings_params(settings.picking_for(pixel_size)),
+                                 "model": model_file_id(settings.picking.model)})
+    return keys
 
 
 def _file_stamp(path: Path) -> str:
@@ -454,7 +488,8 @@ def _attr(meta: WarpMetadata, name: str) -> str | None:
     return v if v not in (None, "") else None
 
 
-_STEP_ATTRS = {"motion": ("MotionKey", "MotionProcessedAt"), "ctf": ("CTFKey", "CTFProcessedAt")}
+_STEP_ATTRS = {"motion": ("MotionKey", "MotionProcessedAt"), "ctf": ("CTFKey", "CTFProcessedAt"),
+               "picking": ("PickingKey", "PickingProcessedAt")}
 
 
 def _read_meta(folder: Path, movie: Path) -> WarpMetadata | None:
@@ -469,7 +504,8 @@ def _read_meta(folder: Path, movie: Path) -> WarpMetadata | None:
 
 def _metrics(meta: WarpMetadata) -> dict:
     out: dict[str, float | None] = {}
-    for key, attr in (("motion", "MeanFrameMovement"), ("max_local_deviation", "MaxLocalDeviation")):
+    for key, attr in (("motion", "MeanFrameMovement"), ("max_local_deviation", "MaxLocalDeviation"),
+                      ("particles", "ParticleCount")):
         v = meta.get_attr(attr)
         out[key] = float(v) if v not in (None, "") else None
     if meta.has("CTF"):
@@ -500,7 +536,7 @@ def item_record(folder: str | os.PathLike, movie: str | os.PathLike, settings: S
     ps = meta.get_float("PixelSize", None) or settings.movie.pixel_size or 1.0
     want = step_keys(settings, ps)
     stale = False
-    for step in STEPS:
+    for step in want:
         key_attr, at_attr = _STEP_ATTRS[step]
         key, at = _attr(meta, key_attr), _attr(meta, at_attr)
         ok = key is not None and key == want[step]
@@ -534,6 +570,9 @@ def _passes(metrics: dict, f: QualityFilters, astig_stats: tuple[float, float] |
     res = metrics.get("fit_resolution")
     if f.resolution_max > 0 and res is not None and res > f.resolution_max:
         why.append(f"fit resolution {res:.2f} Å worse than {f.resolution_max:g} Å")
+    n = metrics.get("particles")
+    if f.particles_min > 0 and n is not None and n < f.particles_min:
+        why.append(f"{n:.0f} particles, fewer than {f.particles_min}")
     mot = metrics.get("motion")
     if f.motion_max > 0 and mot is not None and mot > f.motion_max:
         why.append(f"motion {mot:.2f} Å above {f.motion_max:g} Å")
@@ -693,10 +732,31 @@ def process_item(movie: str | os.PathLike, settings: SessionSettings, folder: st
                 data = frames if frames is not None else mv.frames()
             run_ctf_step(data, settings.ctf_for(ps), folder, movie, device=device, progress=progress)
             _stamp(folder, movie, "ctf", want["ctf"], ps)
+        if "picking" in want and not item_record(folder, movie, settings)["steps"]["picking"]["up_to_date"]:
+            step = "picking"
+            if average is None:
+                from .io.movie import read_volume
+
+                average = read_volume(item_paths(folder, movie).average)[0][0]
+            run_picking_step(average, settings.picking_for(ps), folder, movie,
+                             model=_picking_model(settings.picking.model, device), device=device, progress=progress)
+            _stamp(folder, movie, "picking", want["picking"], ps)
     except Exception as exc:  # noqa: BLE001 -- any failure marks the item failed and the session goes on
         reason = str(exc) if isinstance(exc, NapariWarpError) else f"{step} failed: {type(exc).__name__}: {exc}"
         _mark_failed(folder, movie, settings, step, reason, ps, stamp)
     return item_record(folder, movie, settings)
+
+
+def _picking_model(path: str, device):
+    """The BoxNet model of the session, loaded once per process and file content (retrained files reload)."""
+    key = (model_file_id(path), str(device))
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = load_model(path or None, device=device)
+    return _MODELS[key]
+
+
+_MODELS: dict = {}
 
 
 def _stamp(folder: Path, movie: Path, step: str, key: str, ps: float) -> None:
