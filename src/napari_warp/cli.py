@@ -44,6 +44,8 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0, n_mov
     from .core.io.warp_xml import read_warp_xml
     from .core.item import item_paths, load_ctf
     from .core.motion import motion_from_xml
+    from .core.picking.io import read_picks_star
+    from .core.picking.metrics import score_picks
     from .core.session import MovieOptions, Session, SessionSettings, save_settings, session_records
     from .core.simulate import simulate_movie
 
@@ -54,8 +56,9 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0, n_mov
     base = demo_simulation(size=size, frames=frames, seed=seed)
     defoci = [base.defocus + 3000.0 * (i - (n_movies - 1)) for i in range(n_movies)]  # the showcase keeps 1.5 µm
     gain_path = out / "gain.mrc"
-    settings = replace(SessionSettings(input=str(folder)),
+    settings = replace(SessionSettings(input=str(folder), pick=True),
                        movie=MovieOptions(exposure=base.dose_per_frame, gain=str(gain_path.resolve())))
+    settings = replace(settings, picking=replace(settings.picking, diameter=base.particle_diameter))
     save_settings(folder, settings)
     session = Session(settings, folder, settle=0.5, poll=0.2)
     watcher = threading.Thread(target=session.run, kwargs={"once": False}, daemon=True)
@@ -109,6 +112,11 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0, n_mov
     lattice = track_positions(movie.shape[1:], 8)
     defocus_error = float(np.sqrt(np.mean((fit.defocus_at(lattice) - sim.truth.defocus_at(lattice)) ** 2)))
 
+    picks = read_picks_star(paths.picks) if paths.picks.exists() else None
+    radius = 0.5 * sim.truth.particle_diameter / movie.pixel_size
+    pick_score = (score_picks(picks.yx, sim.truth.particles, radius, exclude_border=radius, shape=movie.shape[1:])
+                  if picks is not None else None)
+
     items = []
     for rec, truth in zip(session_records(settings, folder, movies), truths):
         m = rec["metrics"]
@@ -135,6 +143,9 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0, n_mov
         "true_astigmatism_angle_deg": float(sim.truth.ctf.astigmatism_angle),
         "ctf_astigmatism_angle_deg": round(fit.astigmatism_angle, 2),
         "ctf_fit_resolution_A": round(fit.fit_resolution, 2),
+        "boxnet_picks": len(picks.yx) if picks is not None else None,
+        "boxnet_precision": round(pick_score.precision, 3) if pick_score is not None else None,
+        "boxnet_recall": round(pick_score.recall, 3) if pick_score is not None else None,
         "aligned_average": str(paths.average),
         "item_xml": str(paths.xml),
         "simulation_s": round(t_sim, 2),
@@ -467,7 +478,7 @@ def run_boxnet_train(args) -> int:
         return 2
     base = load_model(args.init) if args.init else PickingModel(BoxNet(width=args.width))
     settings = TrainingSettings(epochs=args.epochs, batch_size=args.batch, window=args.window,
-                                learning_rate=args.lr, patience=args.patience, seed=args.seed)
+                                learning_rate=args.lr, patience=args.patience, seed=args.seed, eval_windows=64)
     record = {"simulated": args.simulated, "simulated_seed": args.seed,
               "cryoppp_sets": args.sets if args.cryoppp else "", "examples": len(examples),
               "init": str(args.init or "random"), "epochs": args.epochs, "window": args.window,

@@ -32,7 +32,8 @@ class BoxNetSettings:
     """Picking settings.
 
     pixel_size: Å/px of the input micrograph. diameter: particle diameter in Å (picks closer than this are merged).
-    threshold: minimum "particle" softmax (paper default 0.95). mask_threshold: "artifact" softmax that masks (0.1);
+    threshold: minimum "particle" softmax. The paper's 0.95 suits Warp's wider network; the shipped model's
+    softmax is less confident, and 0.2 gives it the best F1 on held-out simulated micrographs (docs/benchmarks.md). mask_threshold: "artifact" softmax that masks (0.1);
     min_mask_area: px at 8 Å/px, smaller mask components are dropped (20). mask_distance: Å, picks closer than this
     to the mask are dropped (None: half the diameter). tile: px at 8 Å/px (256); overlap: px (64).
     batch_size: tiles per network call. model: model file ('' = the shipped generic model).
@@ -40,7 +41,7 @@ class BoxNetSettings:
 
     pixel_size: float = 1.0
     diameter: float = 150.0
-    threshold: float = 0.95
+    threshold: float = 0.2
     mask_threshold: float = 0.1
     min_mask_area: int = 20
     mask_distance: float | None = None
@@ -61,7 +62,8 @@ class Picks:
     yx: ``(N, 2)`` px ``(y, x)``. score: ``(N,)`` peak "particle" softmax of each pick's component.
     mask: ``(Y, X)`` bool artifact mask at the input sampling. probabilities: ``(3, Ym, Xm)`` float32 softmax at the
     model sampling (``model_pixel_size`` Å/px). input_shape: ``(Y, X)``. model: the model's label (name v (digest)).
-    area: ``(N,)`` px at the model sampling, size of each pick's component.
+    area: ``(N,)`` px at the model sampling, size of each pick's component. model_mask: the artifact mask at the
+    model sampling (reused when only the threshold changes).
     """
 
     yx: np.ndarray
@@ -73,6 +75,7 @@ class Picks:
     settings: BoxNetSettings
     model: str = ""
     area: np.ndarray | None = None
+    model_mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.yx)
@@ -214,12 +217,16 @@ def _nearest_model_index(n: int, m: int) -> np.ndarray:
 def apply_threshold(picks: Picks, threshold: float | None = None, **changes) -> Picks:
     """Picks from the stored probabilities with a new threshold (or other post-processing settings); no network."""
     settings = replace(picks.settings, **({"threshold": threshold} if threshold is not None else {}), **changes)
-    return _postprocess(picks.probabilities, picks.input_shape, picks.model_pixel_size, settings, picks.model)
+    same_mask = all(getattr(settings, k) == getattr(picks.settings, k) for k in ("mask_threshold", "min_mask_area"))
+    masks = (picks.model_mask, picks.mask) if same_mask and picks.model_mask is not None else None
+    return _postprocess(picks.probabilities, picks.input_shape, picks.model_pixel_size, settings, picks.model, masks)
 
 
-def _postprocess(prob: np.ndarray, input_shape, model_pixel_size: float, s: BoxNetSettings, label: str) -> Picks:
+def _postprocess(prob: np.ndarray, input_shape, model_pixel_size: float, s: BoxNetSettings, label: str,
+                 masks: tuple[np.ndarray, np.ndarray] | None = None) -> Picks:
+    """Picks from probabilities; ``masks`` (model, input sampling) reuses an artifact mask already derived."""
     scale = model_pixel_size
-    mask_m = artifact_mask(prob[2], s.mask_threshold, s.min_mask_area)
+    mask_m = artifact_mask(prob[2], s.mask_threshold, s.min_mask_area) if masks is None else masks[0]
     yx, score, area = particle_components(prob[1], s.threshold)
     if len(yx):
         keep = resolve_overlaps(yx, area.astype(float), s.diameter / scale)
@@ -231,11 +238,14 @@ def _postprocess(prob: np.ndarray, input_shape, model_pixel_size: float, s: BoxN
         ok = dist[iy, ix] * scale >= s.mask_distance_angstrom
         yx, score, area = yx[ok], score[ok], area[ok]
     model_shape = prob.shape[1:]
-    rows, cols = (_nearest_model_index(n, m) for n, m in zip(input_shape, model_shape))
-    mask = mask_m[rows[:, None], cols[None, :]]
+    if masks is None:
+        rows, cols = (_nearest_model_index(n, m) for n, m in zip(input_shape, model_shape))
+        mask = mask_m[rows[:, None], cols[None, :]]
+    else:
+        mask = masks[1]
     return Picks(yx=model_to_input(yx, model_shape, input_shape).reshape(-1, 2), score=score, mask=mask,
                  probabilities=prob, input_shape=tuple(input_shape), model_pixel_size=scale, settings=s,
-                 model=label, area=area)
+                 model=label, area=area, model_mask=mask_m)
 
 
 def pick(image, settings: BoxNetSettings, model: PickingModel | str | None = None, device=None,

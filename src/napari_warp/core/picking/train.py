@@ -46,8 +46,9 @@ class TrainingSettings:
     """epochs: passes over the training area (paper: 100 for retraining). batch_size: windows per step.
     window: px at 8 Å/px (multiple of 16). learning_rate: start; it decays (cosine) to 1 % by the last epoch.
     noise: max σ of the added Gaussian noise (normalised units). patience: epochs without improvement of the new
-    network on new data before stopping early (0: never). dilute: mix old (generic) data 1:1 into every batch.
-    eval_windows: fixed windows per data set for the metrics. seed: randomness of windows and augmentation."""
+    network's loss on the new-data windows before stopping early (0: never). dilute: mix old (generic) data 1:1
+    into every batch. eval_windows: fixed windows per data set for the metrics and the choice of the best epoch.
+    seed: randomness of windows and augmentation."""
 
     epochs: int = 100
     batch_size: int = 8
@@ -56,16 +57,18 @@ class TrainingSettings:
     noise: float = 0.6
     patience: int = 20
     dilute: bool = True
-    eval_windows: int = 8
+    eval_windows: int = 16
     seed: int = 0
 
 
 @dataclass
 class TrainingHistory:
-    """Per epoch: loss and particle-pixel F1 of the old and the new network on old and new data (NaN: no data)."""
+    """Per epoch: training loss, the new network's loss on the fixed new-data windows (``eval_loss``, which picks
+    the best epoch), and particle-pixel F1 of the old and the new network on old and new data (NaN: no data)."""
 
     epoch: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
     old_on_old: list[float] = field(default_factory=list)
     old_on_new: list[float] = field(default_factory=list)
     new_on_old: list[float] = field(default_factory=list)
@@ -74,7 +77,7 @@ class TrainingHistory:
     best_epoch: int = 0
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("epoch", "loss", "old_on_old", "old_on_new", "new_on_old",
+        return {k: getattr(self, k) for k in ("epoch", "loss", "eval_loss", "old_on_old", "old_on_new", "new_on_old",
                                                "new_on_new", "seconds", "best_epoch")}
 
 
@@ -185,12 +188,17 @@ def particle_f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float("nan") if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
-def _evaluate(net, batch) -> float:
+def _evaluate(net, batch, with_loss: bool = False):
+    """Particle-pixel F1 of ``net`` on a fixed ``(images, labels)`` batch (and its cross-entropy when asked)."""
     if batch is None:
-        return float("nan")
+        return (float("nan"), float("nan")) if with_loss else float("nan")
     net.eval()
     with torch.inference_mode():
-        return particle_f1(net(batch[0]), batch[1])
+        logits = net(batch[0])
+        f1 = particle_f1(logits, batch[1])
+        if not with_loss:
+            return f1
+        return f1, float(F.cross_entropy(logits, batch[1], ignore_index=IGNORE))
 
 
 def windows_per_epoch(examples: list[TrainingExample], window: int, batch_size: int) -> int:
@@ -205,9 +213,12 @@ def train(model: PickingModel, new: list[TrainingExample], old: list[TrainingExa
           on_epoch: Callable[[TrainingHistory, torch.nn.Module], None] | None = None,
           ) -> tuple[PickingModel, TrainingHistory]:
     """(Re)train a copy of ``model`` on ``new`` examples (diluted 1:1 with ``old`` when given and
-    ``settings.dilute``). Returns the best network by new-data F1 (same identity fields as ``model``; the caller
-    renames it) and the history. ``on_epoch(history, net)`` is called after every epoch (live plots,
-    checkpoints). ``cancel()`` returning True stops after the current batch, keeping the best so far.
+    ``settings.dilute``). Returns the network of the epoch with the lowest loss on fixed new-data windows (same
+    identity fields as ``model``; the caller renames it) and the history.
+
+    ``on_epoch(history, net)`` is called after every epoch (live plots, checkpoints). ``progress(done, total)``
+    counts steps and must not raise (stop with ``cancel``). ``cancel()`` returning True stops after the current
+    batch, keeping the best network so far.
     """
     if not new:
         raise ValueError("no training examples: add picks (Points) on at least one micrograph")
@@ -229,7 +240,7 @@ def train(model: PickingModel, new: list[TrainingExample], old: list[TrainingExa
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=max(1, s.epochs * steps),
                                                        eta_min=0.01 * s.learning_rate)
     history = TrainingHistory()
-    best, best_state, stale = -1.0, copy.deepcopy(net.state_dict()), 0
+    best, best_state, stale = np.inf, copy.deepcopy(net.state_dict()), 0
     t0 = time.perf_counter()
     mix = s.dilute and bool(old)
     for epoch in range(1, s.epochs + 1):
@@ -251,16 +262,16 @@ def train(model: PickingModel, new: list[TrainingExample], old: list[TrainingExa
                 progress((epoch - 1) * steps + step + 1, s.epochs * steps)
             if cancel and cancel():
                 break
-        f_new = _evaluate(net, eval_new)
+        f_new, eval_loss = _evaluate(net, eval_new, with_loss=True)
         history.epoch.append(epoch)
         history.loss.append(float(np.mean(losses)) if losses else float("nan"))
+        history.eval_loss.append(eval_loss)
         history.old_on_old.append(ref_old)
         history.old_on_new.append(ref_new)
         history.new_on_old.append(_evaluate(net, eval_old))
         history.new_on_new.append(f_new)
-        score = -np.inf if math.isnan(f_new) else f_new
-        if score > best:
-            best, best_state, stale, history.best_epoch = score, copy.deepcopy(net.state_dict()), 0, epoch
+        if eval_loss < best:  # the loss on fixed windows: smoother than the F1 of a few windows' pixels
+            best, best_state, stale, history.best_epoch = eval_loss, copy.deepcopy(net.state_dict()), 0, epoch
         else:
             stale += 1
         history.seconds = time.perf_counter() - t0
