@@ -242,3 +242,134 @@ def deconvolved_layer(
     metadata = {"napari_warp_role": "deconvolved", **kwargs.pop("metadata", {})}
     return image_layer(image, pixel_size, name, translate=tuple(float(t) for t in translate), metadata=metadata,
                        **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BoxNet picks and artifact masks
+# ---------------------------------------------------------------------------------------------------------------
+PICKS_COLORS = ("#ff5252", "#ffd740", "#69f0ae")  # score colours: threshold (red), yellow, 1 (green)
+MANUAL_SCORE = 1.0  # score shown and exported for a pick without one (added by hand, or imported without scores)
+# The mask/training Labels convention (values of a Labels layer painted for BoxNet):
+NOTHING, ARTIFACT, IGNORE = 0, 2, 3
+LABEL_MEANING = {
+    NOTHING: "nothing (background or particles; particles come from the Points layer)",
+    ARTIFACT: "artifact: ice, carbon, ethane drops, aggregates; never picked, trains the artifact class",
+    IGNORE: "ignore: uncertain areas, left out of training",
+}
+MASK_COLORS = {NOTHING: "transparent", ARTIFACT: "#ff5a36", IGNORE: "#4fc3f7", None: "transparent"}
+
+
+def picks_layer(
+    yx: np.ndarray,
+    score: np.ndarray | None,
+    pixel_size: float | None,
+    diameter: float,
+    name: str,
+    *,
+    threshold: float | None = None,
+    metadata: dict | None = None,
+    **kwargs,
+) -> LayerData:
+    """BoxNet picks as a Points layer: thin circles one particle diameter across, coloured by score.
+
+    yx: ``(N, 2)`` (y, x) pixels of the micrograph; score: ``(N,)`` (NaN or None: ``MANUAL_SCORE``, as are points
+    added by hand later, through ``feature_defaults``). pixel_size: Å/px of the micrograph; diameter: Å.
+    napari's Points ``size`` is the marker *diameter* in data pixels, drawn times ``scale``: ``diameter /
+    pixel_size`` px makes the circle exactly one particle diameter (Å) across on screen. A transparent disc with a
+    coloured border (10 % of the size) leaves the particle visible (napari's "ring" symbol covers its outer half).
+    The border colour maps score from ``threshold`` (or 0.5) to 1 through ``PICKS_COLORS`` (red, yellow, green).
+    """
+    yx = np.asarray(yx, dtype=float).reshape(-1, 2)
+    score = np.full(len(yx), np.nan) if score is None else np.asarray(score, dtype=float).reshape(-1)
+    if score.shape != (len(yx),):
+        raise ValueError(f"picks_layer: score must have {len(yx)} values, got {score.shape}")
+    score = np.where(np.isfinite(score), score, MANUAL_SCORE)
+    ps = float(pixel_size) if pixel_size else 1.0
+    meta = {
+        "name": name,
+        "scale": (ps, ps),
+        "units": _units(pixel_size, 2),
+        "size": float(diameter) / ps,
+        "symbol": "disc",
+        "features": {"score": score},
+        "feature_defaults": {"score": MANUAL_SCORE},
+        "face_color": "transparent",
+        "border_color": "score",
+        "border_colormap": picks_colormap(),
+        "border_contrast_limits": score_limits(threshold),
+        "border_width": 0.1,
+        "border_width_is_relative": True,
+        "metadata": {
+            "napari_warp_role": "picks",
+            "pixel_size": pixel_size,
+            "diameter": float(diameter),
+            "threshold": None if threshold is None else float(threshold),
+            "score": f"BoxNet particle softmax; {MANUAL_SCORE:g} for picks without a score (manual)",
+            **(metadata or {}),
+        },
+        **kwargs,
+    }
+    return (yx, meta, "points")
+
+
+def picks_colormap():
+    """The score colormap of picks layers (red at the threshold, yellow, green at 1): bright on grey micrographs."""
+    from napari.utils.colormaps import Colormap
+
+    return Colormap(colors=list(PICKS_COLORS), controls=[0.0, 0.5, 1.0], name="pick score")
+
+
+def score_limits(threshold: float | None) -> tuple[float, float]:
+    """Score colour range of a picks layer: from the threshold (0.5 without one; never empty) to 1."""
+    lo = 0.5 if threshold is None else float(threshold)
+    return (min(lo, 0.99), 1.0)
+
+
+def mask_layer(
+    mask: np.ndarray,
+    pixel_size: float | None,
+    name: str,
+    *,
+    ignore: np.ndarray | None = None,
+    metadata: dict | None = None,
+    **kwargs,
+) -> LayerData:
+    """An artifact mask ``(Y, X)`` (bool, at the micrograph's sampling) as a Labels layer for viewing and painting.
+
+    Values follow the BoxNet training convention (``LABEL_MEANING``): 0 nothing, 2 artifact (``mask``), 3 ignore
+    (``ignore``, optional bool); 1 is not used (particles are the Points layer). Artifacts are red, ignored areas
+    light blue, the rest transparent.
+    """
+    data = np.zeros(np.shape(mask), dtype=np.uint8)
+    data[np.asarray(mask, dtype=bool)] = ARTIFACT
+    if ignore is not None:
+        data[np.asarray(ignore, dtype=bool)] = IGNORE
+    meta = {
+        "name": name,
+        "scale": _scale(pixel_size, 2),
+        "units": _units(pixel_size, 2),
+        "colormap": dict(MASK_COLORS),
+        "opacity": 0.45,
+        "metadata": {
+            "napari_warp_role": "artifacts",
+            "pixel_size": pixel_size,
+            "labels": {str(k): v for k, v in LABEL_MEANING.items()},
+            **(metadata or {}),
+        },
+        **kwargs,
+    }
+    return (data, meta, "labels")
+
+
+def masks_from_labels(data) -> tuple[np.ndarray, np.ndarray]:
+    """Bool ``(artifact, ignore)`` masks from painted Labels data (``ARTIFACT`` and ``IGNORE`` values)."""
+    data = np.asarray(data)
+    return data == ARTIFACT, data == IGNORE
+
+
+def points_in_image_pixels(points, image) -> np.ndarray:
+    """``(N, 2)`` (y, x) pixels of ``image``'s data for the last two axes of a Points layer's data, through world
+    coordinates (scale and translate of both layers), so points drawn on any layer land on the right pixels."""
+    yx = np.asarray(points.data, dtype=float)[:, -2:].reshape(-1, 2)
+    world = yx * np.asarray(points.scale[-2:], dtype=float) + np.asarray(points.translate[-2:], dtype=float)
+    return (world - np.asarray(image.translate[-2:], dtype=float)) / np.asarray(image.scale[-2:], dtype=float)

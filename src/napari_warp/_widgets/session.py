@@ -89,21 +89,22 @@ def format_xy_grid(grid) -> str:
 # the settings form, generated from the settings dataclasses
 # ---------------------------------------------------------------------------------------------------------------
 # (section of ``SessionSettings.sections()``, title), most used first; ``COLLAPSED`` ones start folded
-FORM_SECTIONS = (("session", "Folders"), ("movie", "Movies"), ("ctf", "CTF"), ("filters", "Quality filters"),
-                 ("motion", "Motion"))
-COLLAPSED = ("motion",)
+FORM_SECTIONS = (("session", "Folders"), ("movie", "Movies"), ("ctf", "CTF"), ("picking", "Picking (BoxNet)"),
+                 ("filters", "Quality filters"), ("motion", "Motion"))
+COLLAPSED = ("motion", "picking")
 _CHOICES = {"session.ctf_from": ("average", "frames")}
-_FILES = ("movie.gain", "movie.defects")
+_FILES = ("movie.gain", "movie.defects", "picking.model")
 
 
 def setting_fields(section: str) -> dict:
     """``{name: dataclasses.Field}`` of a section of the settings file."""
     from ..core.ctf_fit import CTFSettings
     from ..core.motion import MotionSettings
+    from ..core.picking import BoxNetSettings
     from ..core.session import MovieOptions, QualityFilters, SessionSettings
 
     cls = {"session": SessionSettings, "movie": MovieOptions, "motion": MotionSettings, "ctf": CTFSettings,
-           "filters": QualityFilters}[section]
+           "picking": BoxNetSettings, "filters": QualityFilters}[section]
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
@@ -215,7 +216,7 @@ def _same(a, b) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 def item_layers(folder, movie, exaggerate: float = 20.0) -> list:
     """LayerData of a processed item (no Qt, safe in a worker): its aligned average binned for display (Å), its
-    local-defocus overlay (µm) and its motion tracks, as far as they exist."""
+    local-defocus overlay (µm), its motion tracks and its BoxNet picks and artifact mask, as far as they exist."""
     from .._layers import defocus_layer, image_layer, motion_tracks_layer
     from ..core.demo import binned_for_display
     from ..core.io.movie import read_volume
@@ -246,7 +247,30 @@ def item_layers(folder, movie, exaggerate: float = 20.0) -> list:
             layers.append((data, lmeta, kind))
         except (ValueError, KeyError, RuntimeError):  # tracks are a bonus; the average and defocus still show
             pass
+    layers += _picking_layers(paths, meta, float(ps), tag, layers[0][1]["name"])
     return layers
+
+
+def _picking_layers(paths, meta, ps: float, tag: dict, source: str) -> list:
+    """The item's BoxNet picks (Points, at the average's own sampling so positions are exact) and artifact mask."""
+    from .._layers import mask_layer, picks_layer
+    from ..core.picking.io import read_picks_star
+
+    out = []
+    if paths.picks.exists():
+        table = read_picks_star(paths.picks)
+        diameter = table.info.get("diameter") or 150.0
+        threshold = table.info.get("threshold")
+        out.append(picks_layer(table.yx, table.score, ps, float(diameter), f"{paths.name} picks",
+                               threshold=float(threshold) if threshold is not None else None,
+                               metadata={**tag, "source": source, "model": table.info.get("model")}))
+    if paths.mask.exists():
+        import tifffile
+
+        mask = tifffile.imread(paths.mask) > 0
+        if mask.any():
+            out.append(mask_layer(mask, ps, f"{paths.name} artifacts", metadata=dict(tag)))
+    return out
 
 
 def show_item_layers(viewer, layers: list) -> list:
@@ -794,6 +818,15 @@ class SessionWidget(Container):
             if self._session is not None:
                 self._session.settings = dataclasses.replace(self._session.settings, filters=settings.filters)
         self._file_filters = settings.filters
+        if (self._session is None and self._loaded is not None
+                and (settings.pick, settings.picking) != (self._loaded.pick, self._loaded.picking)):
+            # picking changed elsewhere (the BoxNet training dock pointed this session at a retrained model): show
+            # it, keeping the other fields as the user left them, so Start does not write the old model back
+            try:
+                form = self.settings()
+            except ValueError:
+                form = self._loaded
+            self.load_form(dataclasses.replace(form, pick=settings.pick, picking=settings.picking))
         selected = self.selected_record()
         names = [r["name"] for r in records]
         if names[: len(self.records)] != [r["name"] for r in self.records]:

@@ -33,7 +33,8 @@ class BoxNetSettings:
 
     pixel_size: Å/px of the input micrograph. diameter: particle diameter in Å (picks closer than this are merged).
     threshold: minimum "particle" softmax. The paper's 0.95 suits Warp's wider network; the shipped model's
-    softmax is less confident, and 0.2 gives it the best F1 on held-out simulated micrographs (docs/benchmarks.md). mask_threshold: "artifact" softmax that masks (0.1);
+    softmax is less confident, and 0.2 gives it the best F1 on held-out simulated micrographs (docs/benchmarks.md).
+    mask_threshold: "artifact" softmax that masks (0.1);
     min_mask_area: px at 8 Å/px, smaller mask components are dropped (20). mask_distance: Å, picks closer than this
     to the mask are dropped (None: half the diameter). tile: px at 8 Å/px (256); overlap: px (64).
     batch_size: tiles per network call. model: model file ('' = the shipped generic model).

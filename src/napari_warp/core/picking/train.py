@@ -64,7 +64,8 @@ class TrainingSettings:
 @dataclass
 class TrainingHistory:
     """Per epoch: training loss, the new network's loss on the fixed new-data windows (``eval_loss``, which picks
-    the best epoch), and particle-pixel F1 of the old and the new network on old and new data (NaN: no data)."""
+    the best epoch), and the soft particle-pixel F1 (``particle_f1``) of the old and the new network on old and new
+    data (NaN: no data)."""
 
     epoch: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
@@ -179,13 +180,14 @@ def sample_windows(examples: list[TrainingExample], n: int, window: int, rng: np
 # metrics and loop
 # ---------------------------------------------------------------------------------------------------------------
 def particle_f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """F1 of "particle" pixels (argmax) against the labels, ignoring label 255. NaN without particles or picks."""
-    pred = logits.argmax(dim=1)
+    """Soft F1 (Dice) of the "particle" softmax against the particle labels, ignoring label 255: threshold-free, so
+    it tracks a network whose particle probabilities stay below 0.5 as well as a confident one. NaN when neither
+    the labels nor the network have any particle."""
     valid = labels != IGNORE
-    tp = ((pred == PARTICLE) & (labels == PARTICLE) & valid).sum().item()
-    fp = ((pred == PARTICLE) & (labels != PARTICLE) & valid).sum().item()
-    fn = ((pred != PARTICLE) & (labels == PARTICLE) & valid).sum().item()
-    return float("nan") if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+    p = torch.softmax(logits, dim=1)[:, PARTICLE] * valid
+    y = ((labels == PARTICLE) & valid).float()
+    denom = (p.sum() + y.sum()).item()
+    return float("nan") if denom < 1e-6 else 2 * (p * y).sum().item() / denom
 
 
 def _evaluate(net, batch, with_loss: bool = False):

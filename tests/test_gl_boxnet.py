@@ -1,0 +1,106 @@
+"""The BoxNet docks in a real napari viewer under Xvfb: the retraining story. Picks (the simulation's truth) on a
+micrograph → retrain a small model with generic data mixed in, watching the four metrics → a model file → re-pick:
+the micrograph's picks layer shows the new model's picks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gl
+
+PIXEL_SIZE = 4.0  # Å/px
+DIAMETER = 150.0  # Å
+
+
+@pytest.fixture(scope="module")
+def movie():
+    from napari_warp.core.simulate import MovieSimulation, simulate_movie
+
+    sim = MovieSimulation(shape=(512, 512), n_frames=1, pixel_size=PIXEL_SIZE, particle_diameter=DIAMETER, drift=0.0,
+                          local_amplitude=0.0, dose_per_frame=40.0)
+    return simulate_movie(sim, device="cpu")
+
+
+def _wait(qtbot, worker, timeout=180000):
+    assert worker is not None
+    with qtbot.waitSignal(worker.finished, timeout=timeout):
+        pass
+
+
+def test_retrain_on_picks_then_repick_in_the_viewer(make_napari_viewer, qtbot, tmp_path, movie):
+    import torch
+
+    from napari_warp._layers import image_layer, points_layer
+    from napari_warp._widgets.boxnet import stored_picks
+    from napari_warp.core.picking import BoxNet, PickingModel, load_model, save_model
+
+    torch.manual_seed(0)
+    start = save_model(PickingModel(BoxNet(width=4), name="tiny", version="0"), tmp_path / "tiny.pt")
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    data, meta, _ = image_layer(movie.frames[0], PIXEL_SIZE, "sim")
+    mic = viewer.add_image(data, **meta)
+    data, meta, _ = points_layer(movie.truth.particles, PIXEL_SIZE, "true particles", diameter=DIAMETER)
+    truth = viewer.add_points(data, **meta)
+
+    # first picks with the start model: a picks layer with the network's output stored
+    _dock, picker = viewer.window.add_plugin_dock_widget("napari-warp", "BoxNet picking")
+    picker.model_file.value = start
+    picker.diameter.value = DIAMETER
+    _wait(qtbot, picker.run())
+    points = next(layer for layer in viewer.layers if layer.name == "sim picks")
+    before = stored_picks(points).probabilities.copy()
+    assert points.metadata["model"] == load_model(start).label
+
+    # retrain on the true particles, one generic micrograph mixed in
+    _dock, trainer = viewer.window.add_plugin_dock_widget("napari-warp", "BoxNet training", tabify=True)
+    trainer.points.value = [truth]
+    assert trainer.pairs() == [(mic, [truth], None)]  # not made by the picking dock: the fallback micrograph
+    trainer.start_model.value = start
+    trainer.epochs.value = 2
+    trainer.window.value = 32
+    trainer.n_generic.value = 1
+    assert trainer.dilute.value
+    out = tmp_path / "models" / "retrained.pt"
+    trainer.out.value = out
+    epochs_seen = []
+    trainer.metrics_updated.connect(lambda h: epochs_seen.append(len(h["epoch"])))
+    _wait(qtbot, trainer.run())
+    history = trainer.history
+    assert history is not None, trainer.status.value
+    assert history["epoch"] == [1, 2] and epochs_seen[-1] == 2
+    for key in ("old_on_old", "old_on_new", "new_on_old", "new_on_new"):  # all four: old data was mixed in
+        assert len(history[key]) == 2 and np.isfinite(history[key]).all(), key
+    assert history["old_on_old"][0] == history["old_on_old"][1]  # the old network does not change
+    assert out.is_file()
+    model = load_model(out)
+    assert model.name == "boxnet-retrained" and model.trained_on["generic_micrographs"] == 1
+    assert model.label != load_model(start).label
+
+    # re-pick: the same picks layer now shows the retrained model's output
+    _wait(qtbot, trainer.repick())
+    assert [layer for layer in viewer.layers if layer.name == "sim picks"] == [points]  # updated in place
+    assert points.metadata["model"] == model.label and points.metadata["model_path"] == str(out)
+    after = stored_picks(points)
+    assert after.model == model.label
+    assert not np.allclose(after.probabilities, before), "re-picking did not use the new network"
+    assert after.yx.shape == (len(points.data), 2)
+    np.testing.assert_allclose(points.data, after.yx)
+
+    viewer.reset_view()
+    qtbot.wait(200)
+    canvas = viewer.screenshot(canvas_only=True, flash=False)
+    assert canvas[..., :3].std() > 10, "canvas is blank"
+    shot = viewer.screenshot(canvas_only=False, flash=False)
+    assert shot.shape[1] > canvas.shape[1] + 300  # the dock is in the picture
+    from PIL import Image
+
+    Image.fromarray(shot).save(tmp_path / "boxnet_docks.png")
+    folder = os.environ.get("NAPARI_WARP_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(shot).save(Path(folder) / "boxnet_training.png")
