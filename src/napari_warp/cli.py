@@ -56,9 +56,8 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0, n_mov
     base = demo_simulation(size=size, frames=frames, seed=seed)
     defoci = [base.defocus + 3000.0 * (i - (n_movies - 1)) for i in range(n_movies)]  # the showcase keeps 1.5 µm
     gain_path = out / "gain.mrc"
-    settings = replace(SessionSettings(input=str(folder), pick=True),
+    settings = replace(SessionSettings(input=str(folder)),
                        movie=MovieOptions(exposure=base.dose_per_frame, gain=str(gain_path.resolve())))
-    settings = replace(settings, picking=replace(settings.picking, diameter=base.particle_diameter))
     save_settings(folder, settings)
     session = Session(settings, folder, settle=0.5, poll=0.2)
     watcher = threading.Thread(target=session.run, kwargs={"once": False}, daemon=True)

@@ -136,12 +136,17 @@ def segment(image: torch.Tensor, model: PickingModel, tile: int = 256, overlap: 
             progress: Progress | None = None) -> torch.Tensor:
     """Softmax ``(3, Y, X)`` of an image ``(Y, X)`` already at the model sampling, from overlapping tiles.
 
-    Images smaller than a tile are reflection-padded; all tiles go through the network in batches.
+    Images smaller than a tile are segmented as one smaller tile (reflection-padded to a multiple of 16); all tiles
+    go through the network in batches.
     """
     net = model.net
     device = next(net.parameters()).device
     img = image.to(device=device, dtype=torch.float32)
     Y, X = img.shape
+    # the network is fully convolutional: a micrograph smaller than a tile is one tile of its own size (rounded up
+    # to a multiple of 16), so padding does not dilute it
+    step = getattr(net, "factor", 16)
+    tile = min(tile, step * math.ceil(max(Y, X) / step))
     pad_y, pad_x = max(0, tile - Y), max(0, tile - X)
     if pad_y or pad_x:  # reflect needs pad < size: fall back to replicate for tiny images
         mode = "reflect" if pad_y < Y and pad_x < X else "replicate"
