@@ -8,6 +8,7 @@ import mrcfile
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter
 
 from napari_warp.cli import main
 from napari_warp.core.io.star import read_coordinates
@@ -40,12 +41,18 @@ def test_demo_headless(tmp_path, capsys):
             assert (session / rel).is_file(), rel
         # each movie has its own defocus; CTF fitted from its aligned average finds it
         assert item["ctf_defocus_A"] == pytest.approx(item["true_defocus_A"], rel=0.01)
+        # one camera, one gain reference: every average is flat (a wrong reference leaves a ~5 % blotch)
+        avg_i = mrcfile.read(session / f"average/{name}.mrc").astype(np.float64)
+        assert gaussian_filter(avg_i, 32).std() / avg_i.mean() < 0.01, name
+        assert (session / f"picks/{name}.star").is_file() and (session / f"mask/{name}.tif").is_file()
     assert (session / "micrographs_ctf.star").is_file() and (session / "napari-warp.settings.toml").is_file()
     # 15 px of drift at 2 e/Å² per frame: a failed or sign-flipped fit is off by several px
     assert summary["motion_rms_error_px"] < 1.0
     # CTF of the showcase's aligned average, against the simulation's defocus plane
     assert summary["ctf_defocus_A"] == pytest.approx(summary["true_defocus_A"], rel=0.01)
     assert summary["ctf_local_defocus_rms_error_A"] < 0.02 * summary["true_defocus_A"]
+    # BoxNet picked the showcase with the shipped model (its truth: the simulated particle centres)
+    assert summary["boxnet_precision"] >= 0.7 and summary["boxnet_recall"] >= 0.7, summary
     assert "results in" in capsys.readouterr().out
 
 

@@ -56,19 +56,22 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0, n_mov
     base = demo_simulation(size=size, frames=frames, seed=seed)
     defoci = [base.defocus + 3000.0 * (i - (n_movies - 1)) for i in range(n_movies)]  # the showcase keeps 1.5 µm
     gain_path = out / "gain.mrc"
-    settings = replace(SessionSettings(input=str(folder)),
+    settings = replace(SessionSettings(input=str(folder), pick=True),
                        movie=MovieOptions(exposure=base.dose_per_frame, gain=str(gain_path.resolve())))
+    settings = replace(settings, picking=replace(settings.picking, diameter=base.particle_diameter))
     save_settings(folder, settings)
     session = Session(settings, folder, settle=0.5, poll=0.2)
     watcher = threading.Thread(target=session.run, kwargs={"once": False}, daemon=True)
     truths, t_sim = [], 0.0
     show = _progress("simulated movies")
+    gain = base.gain  # one camera, one gain reference: the first movie's is used for all of them
     for i, defocus in enumerate(defoci):
-        s = replace(base, defocus=defocus, seed=seed + n_movies - 1 - i)  # the last one uses `seed`
+        s = replace(base, defocus=defocus, seed=seed + n_movies - 1 - i, gain=gain)  # the last one uses `seed`
         ts = time.perf_counter()
         sim = simulate_movie(s)
         t_sim += time.perf_counter() - ts
         if i == 0:
+            gain = sim.gain
             write_mrc(gain_path, sim.gain.astype(np.float32), pixel_size=s.pixel_size)
             watcher.start()
         # each movie appears in one rename, as a microscope's finished file does; the session picks it up
