@@ -37,6 +37,17 @@ def data_dir() -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def sim512():
+    """A simulated single-frame 512² micrograph at 4 Å/px (256² at BoxNet's 8 Å/px) of 150 Å particles, with its
+    truth (``.frames[0]``, ``.truth.particles``); simulated once for the BoxNet widget and gl tests."""
+    from napari_warp.core.simulate import MovieSimulation, simulate_movie
+
+    settings = MovieSimulation(shape=(512, 512), n_frames=1, pixel_size=4.0, particle_diameter=150.0, drift=0.0,
+                               local_amplitude=0.0, dose_per_frame=40.0)
+    return simulate_movie(settings, device="cpu")
+
+
 def pytest_collection_modifyitems(config, items):
     if HAVE_DISPLAY:
         return

@@ -16,22 +16,13 @@ PIXEL_SIZE = 4.0  # Å/px
 DIAMETER = 150.0  # Å
 
 
-@pytest.fixture(scope="module")
-def movie():
-    from napari_warp.core.simulate import MovieSimulation, simulate_movie
-
-    sim = MovieSimulation(shape=(512, 512), n_frames=1, pixel_size=PIXEL_SIZE, particle_diameter=DIAMETER, drift=0.0,
-                          local_amplitude=0.0, dose_per_frame=40.0)
-    return simulate_movie(sim, device="cpu")
-
-
 def _wait(qtbot, worker, timeout=180000):
     assert worker is not None
     with qtbot.waitSignal(worker.finished, timeout=timeout):
         pass
 
 
-def test_retrain_on_picks_then_repick_in_the_viewer(make_napari_viewer, qtbot, tmp_path, movie):
+def test_retrain_on_picks_then_repick_in_the_viewer(make_napari_viewer, qtbot, tmp_path, sim512):
     import torch
 
     from napari_warp._layers import image_layer, points_layer
@@ -42,9 +33,9 @@ def test_retrain_on_picks_then_repick_in_the_viewer(make_napari_viewer, qtbot, t
     start = save_model(PickingModel(BoxNet(width=4), name="tiny", version="0"), tmp_path / "tiny.pt")
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1500, 950)
-    data, meta, _ = image_layer(movie.frames[0], PIXEL_SIZE, "sim")
+    data, meta, _ = image_layer(sim512.frames[0], PIXEL_SIZE, "sim")
     mic = viewer.add_image(data, **meta)
-    data, meta, _ = points_layer(movie.truth.particles, PIXEL_SIZE, "true particles", diameter=DIAMETER)
+    data, meta, _ = points_layer(sim512.truth.particles, PIXEL_SIZE, "true particles", diameter=DIAMETER)
     truth = viewer.add_points(data, **meta)
 
     # first picks with the start model: a picks layer with the network's output stored

@@ -13,16 +13,6 @@ DIAMETER = 150.0  # Å
 
 
 @pytest.fixture(scope="module")
-def movie():
-    """A simulated 512² micrograph at 4 Å/px with its particle centres (about a second; cached)."""
-    from napari_warp.core.simulate import MovieSimulation, simulate_movie
-
-    sim = MovieSimulation(shape=(512, 512), n_frames=1, pixel_size=PIXEL_SIZE, particle_diameter=DIAMETER, drift=0.0,
-                          local_amplitude=0.0, dose_per_frame=40.0)
-    return simulate_movie(sim, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A random width-4 BoxNet saved to a file (fast: the network's output is irrelevant where it is used)."""
     import torch
@@ -57,11 +47,11 @@ def _role(viewer, role):
     return [layer for layer in viewer.layers if (layer.metadata or {}).get("napari_warp_role") == role]
 
 
-def test_pick_adds_picks_and_artifacts_aligned_with_the_micrograph(qtbot, viewer_model, movie, tiny_model):
+def test_pick_adds_picks_and_artifacts_aligned_with_the_micrograph(qtbot, viewer_model, sim512, tiny_model):
     from napari_warp._widgets.boxnet import BoxNetWidget
     from napari_warp.core.picking import load_model
 
-    mic = _add(viewer_model, movie.frames[0], translate=(40.0, -80.0))
+    mic = _add(viewer_model, sim512.frames[0], translate=(40.0, -80.0))
     widget = BoxNetWidget(viewer_model)
     assert widget.source.value is mic
     assert widget.pixel_size.value == pytest.approx(PIXEL_SIZE)  # from the layer's scale (Å)
@@ -111,7 +101,7 @@ PEAKS = [((40, 40), 0.60), ((40, 120), 0.70), ((120, 40), 0.80), ((120, 120), 0.
 ARTIFACT_BOX = (0, 30, 220, 256)
 
 
-def test_threshold_slider_is_live_without_the_network(qtbot, viewer_model, movie, tiny_model, monkeypatch):
+def test_threshold_slider_is_live_without_the_network(qtbot, viewer_model, sim512, tiny_model, monkeypatch):
     import torch
 
     from napari_warp._widgets.boxnet import BoxNetWidget, stored_picks
@@ -124,7 +114,7 @@ def test_threshold_slider_is_live_without_the_network(qtbot, viewer_model, movie
         return torch.as_tensor(_fake_probabilities(tuple(image.shape), PEAKS, ARTIFACT_BOX))
 
     monkeypatch.setattr(infer, "segment", fake_segment)
-    _add(viewer_model, movie.frames[0])
+    _add(viewer_model, sim512.frames[0])
     widget = BoxNetWidget(viewer_model)
     widget.model_file.value = tiny_model
     widget.diameter.value = DIAMETER
@@ -236,13 +226,13 @@ def test_import_box_and_save_star(qtbot, viewer_model, tmp_path):
     assert "Import failed" in widget.status.value and "mic_7" in widget.status.value
 
 
-def test_training_runs_with_live_metrics_saves_and_repicks(qtbot, viewer_model, movie, tiny_model, tmp_path):
+def test_training_runs_with_live_metrics_saves_and_repicks(qtbot, viewer_model, sim512, tiny_model, tmp_path):
     from napari_warp._layers import points_layer
     from napari_warp._widgets.boxnet import BoxNetTrainingWidget, stored_picks
     from napari_warp.core.picking import load_model
 
-    mic = _add(viewer_model, movie.frames[0], name="sim")
-    d, meta, _ = points_layer(movie.truth.particles, PIXEL_SIZE, "true particles", diameter=DIAMETER)
+    mic = _add(viewer_model, sim512.frames[0], name="sim")
+    d, meta, _ = points_layer(sim512.truth.particles, PIXEL_SIZE, "true particles", diameter=DIAMETER)
     truth = viewer_model.add_points(d, **meta)  # not made by the picking dock: paired through the fallback
     painted = np.zeros(mic.data.shape, np.uint8)
     painted[:64, :64] = 2
@@ -305,14 +295,14 @@ def test_training_without_picks_says_why(qtbot, viewer_model):
     assert widget.repick() is None and "Train a model first" in widget.status.value
 
 
-def test_training_cancel_keeps_the_best_so_far(qtbot, viewer_model, movie, tiny_model, tmp_path):
+def test_training_cancel_keeps_the_best_so_far(qtbot, viewer_model, sim512, tiny_model, tmp_path):
     from napari_warp._widgets.boxnet import BoxNetTrainingWidget
     from napari_warp.core.picking import load_model
 
-    crop = movie.frames[0][:256, :256]
-    inside = np.all(movie.truth.particles < 256, axis=1)
+    crop = sim512.frames[0][:256, :256]
+    inside = np.all(sim512.truth.particles < 256, axis=1)
     _add(viewer_model, crop, name="crop")
-    viewer_model.add_points(movie.truth.particles[inside], name="crop picks", scale=(PIXEL_SIZE, PIXEL_SIZE))
+    viewer_model.add_points(sim512.truth.particles[inside], name="crop picks", scale=(PIXEL_SIZE, PIXEL_SIZE))
     widget = BoxNetTrainingWidget(viewer_model)
     widget.start_model.value = tiny_model
     widget.epochs.value = 50

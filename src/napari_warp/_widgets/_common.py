@@ -16,6 +16,18 @@ def theme_colors(viewer) -> dict:
         return {"bg": "#2e333e", "axes": "#23242b", "text": "#f0f1f2", "accent": "#4560c4"}
 
 
+def refresh_source(combo, layers: list, viewer) -> bool:
+    """Refresh a layer ``combo`` after layer changes; when it lost its choice, take the selected layer if it is one of
+    ``layers``, else the first. Returns True when the choice changed (compared with ``!=``: napari hands plugin docks
+    a fresh proxy of the same layer on every access, so ``is`` would always differ)."""
+    before = combo.value
+    combo.reset_choices()
+    if combo.value is None and layers:
+        active = viewer.layers.selection.active
+        combo.value = active if active in layers else layers[0]
+    return combo.value != before
+
+
 class ProgressRun:
     """Mixin for a dock with ``progress`` (ProgressBar 0–1000), ``run_button``, ``cancel_button`` and ``status``.
 

@@ -37,7 +37,7 @@ from napari.qt.threading import thread_worker
 from psygnal import Signal
 from qtpy.QtCore import QTimer
 
-from ._common import ProgressRun, theme_colors
+from ._common import ProgressRun, refresh_source, theme_colors
 from .ctf import _policy, _scroll_area, _selectable
 
 _ROLE = "napari_warp_role"
@@ -304,15 +304,7 @@ class BoxNetWidget(ProgressRun, Container):
         self._layers_changed()
 
     def _layers_changed(self, *_):
-        before = self.source.value
-        self.source.reset_choices()
-        if self.source.value is None:
-            layers = [lay for _, lay in self._micrographs()]
-            active = self._viewer.layers.selection.active
-            pick = active if active in layers else (layers[0] if layers else None)
-            if pick is not None:
-                self.source.value = pick
-        if self.source.value != before:  # not `is`: layers may come wrapped in fresh proxies
+        if refresh_source(self.source, [lay for _, lay in self._micrographs()], self._viewer):
             self._from_layer()
 
     def _from_layer(self, *_):

@@ -20,7 +20,7 @@ from magicgui.widgets import (
 from napari.qt.threading import thread_worker
 from qtpy.QtCore import QTimer
 
-from ._common import ProgressRun, theme_colors
+from ._common import ProgressRun, refresh_source, theme_colors
 
 _ROLE = "napari_warp_role"
 _OURS = ("defocus", "deconvolved")
@@ -133,16 +133,7 @@ class CTFWidget(ProgressRun, Container):
         self._layers_changed()
 
     def _layers_changed(self, *_):
-        before = self.source.value
-        self.source.reset_choices()
-        if self.source.value is None:
-            # prefer the selected layer, else the first micrograph/movie
-            active = self._viewer.layers.selection.active
-            layers = [lay for _, lay in self._image_layers()]
-            pick = active if active in layers else (layers[0] if layers else None)
-            if pick is not None:
-                self.source.value = pick
-        if self.source.value is not before:
+        if refresh_source(self.source, [lay for _, lay in self._image_layers()], self._viewer):
             self._from_layer()
 
     def _from_layer(self, *_):
