@@ -85,6 +85,7 @@ PEER_PY = Path(os.environ.get("TOPAZ_PYTHON", "/work/peer-venv/bin/python"))
 ENV = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2")
 
 THRESHOLD = BoxNetSettings().threshold  # our default picking threshold
+MIN_DISTANCE = BoxNetSettings(diameter=1.0).min_distance_angstrom  # our default closest picks, × diameter
 AP_THRESHOLD = 0.05  # our ranked candidates for AP / best F1: components of p(particle) ≥ this, scored by their peak
 TOPAZ_EXTRACT = -6.0  # topaz extract's default: the ranked list
 TOPAZ_THRESHOLD = 0.0  # Topaz picks kept for F1 (log-likelihood ratio ≥ 0)
@@ -491,7 +492,7 @@ def method_label(key: str, case: dict) -> str:
         r = case["relion"]
         return f"RELION LoG ({r['diameter_min']:.0f}–{r['diameter_max']:.0f} Å, adj. 0)"
     if key == "generic":
-        return f"napari-warp generic (≥ {THRESHOLD})"
+        return f"napari-warp generic (≥ {THRESHOLD}, {MIN_DISTANCE:g} d apart)"
     return METHODS[key]
 
 
@@ -547,7 +548,8 @@ def main(argv=None):
     old = load_examples(args.dilute) if args.dilute else None
     result = dict(model=dict(path=str(generic.path), label=generic.label, trained_on=generic.trained_on),
                   settings=dict(quick=args.quick, epochs=args.epochs, patience=args.patience, dilute=bool(old),
-                                threshold=THRESHOLD, ap_threshold=AP_THRESHOLD, topaz_threshold=TOPAZ_THRESHOLD,
+                                threshold=THRESHOLD, min_distance=MIN_DISTANCE, ap_threshold=AP_THRESHOLD,
+                                topaz_threshold=TOPAZ_THRESHOLD,
                                 topaz_extract=TOPAZ_EXTRACT, relion_ap_threshold=RELION_AP_THRESHOLD,
                                 device=str(torch.device("cuda" if torch.cuda.is_available() else "cpu"))),
                   cases=[])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from napari_warp.core.picking import BoxNet, BoxNetSettings, PickingModel, apply_threshold, load_model, save_model
 from napari_warp.core.picking.infer import (
@@ -91,7 +92,8 @@ def test_postprocess_picks_merges_and_masks():
     prob[1][_disk(shape, (80, 100), 1)] = 1.0  # a higher peak for the score check
     prob[2][_disk(shape, (90, 5), 6)] = 0.5  # an artifact close to (90, 30)
     prob[2][_disk(shape, (10, 150), 1)] = 0.5  # a speck below the minimum area
-    s = BoxNetSettings(pixel_size=2.0, diameter=8.0 * 12, threshold=0.95, mask_distance=8.0 * 20)
+    s = BoxNetSettings(pixel_size=2.0, diameter=8.0 * 12, threshold=0.95, mask_distance=8.0 * 20,
+                       min_distance=8.0 * 12)  # the paper's rule: overlaps resolved at one diameter
     input_shape = (480, 640)  # the model grid is 4× coarser
     picks = _postprocess(prob, input_shape, 8.0, s, "oracle")
     got = input_to_model(picks.yx, input_shape, shape)
@@ -104,6 +106,25 @@ def test_postprocess_picks_merges_and_masks():
     assert picks.score[order][2] == pytest.approx(1.0)
     fewer = apply_threshold(picks, 0.995)  # only the component peaking at 1.0 survives
     assert len(fewer) == 1 and np.allclose(input_to_model(fewer.yx, input_shape, shape), [[80, 100]], atol=0.6)
+
+
+def test_touching_particles_are_split_at_their_maxima():
+    """Two particles 10 px apart whose softmax blobs merge into one component above the threshold become two picks at
+    their centres with the default minimum distance (0.4 diameter); with the paper's one diameter, one of them stays
+    (not the component's centroid between them, where there is no particle)."""
+    shape = (64, 64)
+    y, x = np.mgrid[:64, :64]
+    centres = np.array([[32.0, 27.0], [32.0, 37.0]])
+    blob = sum(np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * 3.0**2)) for cy, cx in centres)
+    prob = np.stack([1 - 0.9 * blob / blob.max(), 0.9 * blob / blob.max(), np.zeros(shape)]).astype(np.float32)
+    assert ndimage.label(prob[1] >= 0.2)[1] == 1  # one connected component
+    s = BoxNetSettings(pixel_size=8.0, diameter=8.0 * 12, threshold=0.2)
+    assert s.min_distance_angstrom == pytest.approx(0.4 * 8.0 * 12)
+    split = _postprocess(prob, shape, 8.0, s, "oracle")
+    assert len(split) == 2
+    assert np.allclose(split.yx[np.argsort(split.yx[:, 1])], centres, atol=1.0)
+    merged = apply_threshold(split, min_distance=8.0 * 12)
+    assert len(merged) == 1 and np.abs(centres - merged.yx).max(axis=1).min() < 1.0
 
 
 def test_resolve_overlaps_keeps_bigger_component():

@@ -236,13 +236,19 @@ class BoxNetWidget(ProgressRun, Container):
                                "Å per pixel of the micrograph; filled in from the layer's scale when it is in Å")
         self.diameter = _tip(FloatSpinBox(label="Particle diameter (Å)", value=150.0, min=10.0, max=5000.0,
                                           step=5.0),
-                             "Longest particle diameter in Å: picks closer than this are merged, and the circles are "
-                             "this wide. Changing it re-derives the picks instantly.")
+                             "Longest particle diameter in Å: the circles are this wide. Changing it re-derives the "
+                             "picks instantly.")
         self.threshold = _tip(FloatSlider(label="Threshold (score)", value=BoxNetSettings().threshold, min=0.05,
                                           max=1.0, step=0.01),
                               "Minimum particle score (softmax; the paper's 0.95 suits its wider network). Moving it "
                               "re-derives the picks "
                               "from the stored network output instantly, replacing hand edits of the picks layer.")
+        self.min_distance = _tip(FloatSpinBox(label="Min. distance between picks (Å)",
+                                              value=BoxNetSettings(diameter=150.0).min_distance_angstrom, min=0.0,
+                                              max=10000.0, step=5.0),
+                                 "Two picks are at least this far apart (Å): a blob with maxima this far apart is "
+                                 "split, and of closer picks the bigger one stays; live. Follows the diameter (0.4 ×) "
+                                 "until you change it; lower it for crowded micrographs.")
         self.mask_distance = _tip(FloatSpinBox(label="Min. distance to artifacts (Å)", value=75.0, min=0.0,
                                                max=10000.0, step=5.0),
                                   "Picks closer than this (Å) to a masked artifact are dropped; live. Follows the "
@@ -266,7 +272,8 @@ class BoxNetWidget(ProgressRun, Container):
             "Artifacts layer: <span style='color:#ff5a36'>2 = artifact</span>, "
             "<span style='color:#4fc3f7'>3 = ignore</span> (paint to correct, for retraining)."))
         self._body = Container(widgets=[
-            self.source, self.pixel_size, self.diameter, self.threshold, self.mask_distance, self.model_file,
+            self.source, self.pixel_size, self.diameter, self.threshold, self.min_distance, self.mask_distance,
+            self.model_file,
             self.model_label, self.run_button, self.cancel_button, self.progress, self.status, self.summary,
             Container(widgets=[self.import_button, self.save_button], layout="horizontal", labels=False),
             self.legend,
@@ -288,7 +295,7 @@ class BoxNetWidget(ProgressRun, Container):
         self._throttle.timeout.connect(self.update_threshold)
         self._diameter = float(self.diameter.value)
         self.diameter.changed.connect(self._diameter_changed)
-        for w in (self.threshold, self.mask_distance):
+        for w in (self.threshold, self.min_distance, self.mask_distance):
             w.changed.connect(self._schedule_update)
         self._init_progress()
         for ev in ("inserted", "removed", "renamed"):
@@ -343,7 +350,8 @@ class BoxNetWidget(ProgressRun, Container):
         from ..core.picking import BoxNetSettings
 
         return BoxNetSettings(pixel_size=float(self.pixel_size.value), diameter=float(self.diameter.value),
-                              threshold=float(self.threshold.value), mask_distance=float(self.mask_distance.value))
+                              threshold=float(self.threshold.value), mask_distance=float(self.mask_distance.value),
+                              min_distance=float(self.min_distance.value))
 
     # -- picking -------------------------------------------------------------------------------------------------
     def run(self, *_):
@@ -390,10 +398,14 @@ class BoxNetWidget(ProgressRun, Container):
             self._throttle.start()
 
     def _diameter_changed(self, value):
-        """The minimum distance to artifacts follows the diameter while it is the default half diameter."""
-        if abs(float(self.mask_distance.value) - self._diameter / 2) < 1e-6:
-            with self.mask_distance.changed.blocked():
-                self.mask_distance.value = float(value) / 2
+        """The minimum distances (to artifacts, between picks) follow the diameter while they are its defaults."""
+        from ..core.picking import BoxNetSettings
+
+        old, new = BoxNetSettings(diameter=self._diameter), BoxNetSettings(diameter=float(value))
+        for box, attr in ((self.mask_distance, "mask_distance_angstrom"), (self.min_distance, "min_distance_angstrom")):
+            if abs(float(box.value) - getattr(old, attr)) < 1e-6:
+                with box.changed.blocked():
+                    box.value = getattr(new, attr)
         self._diameter = float(value)
         self._schedule_update()
 
@@ -412,7 +424,8 @@ class BoxNetWidget(ProgressRun, Container):
                 points.metadata = {**points.metadata, "diameter": float(self.diameter.value)}
             return None
         picks = apply_threshold(stored, float(self.threshold.value), diameter=float(self.diameter.value),
-                                mask_distance=float(self.mask_distance.value))
+                                mask_distance=float(self.mask_distance.value),
+                                min_distance=float(self.min_distance.value))
         s = picks.settings
         show_picks(self._viewer, layer, picks.yx, picks.score, s.pixel_size, s.diameter, picks=picks, mask=None,
                    threshold=s.threshold, model=picks.model, model_path=points.metadata.get("model_path"))
@@ -878,7 +891,8 @@ class BoxNetTrainingWidget(ProgressRun, Container):
                 pixel_size=layer_pixel_size(mic) or float(self.pixel_size.value),
                 diameter=float(self.diameter.value),
                 threshold=BoxNetSettings().threshold if threshold is None else float(threshold),
-                mask_distance=stored.settings.mask_distance if stored is not None else None)
+                mask_distance=stored.settings.mask_distance if stored is not None else None,
+                min_distance=stored.settings.min_distance if stored is not None else None)
             jobs.append((mic, micrograph_data(mic), settings))
         if not jobs:
             self.status.value = "The trained micrographs are no longer open."
