@@ -104,6 +104,16 @@ def test_postprocess_picks_merges_and_masks():
     assert picks.mask.shape == input_shape and picks.mask.any()
     assert not picks.mask[:120, 560:].any()  # the speck was removed
     assert picks.score[order][2] == pytest.approx(1.0)
+    # a hand-edited mask replaces the network's: erased, the pick near the artifact returns; painted over the pick
+    # at (80, 100) (model px; ×4 in the input), that one goes instead
+    unmasked = apply_threshold(picks, artifact_mask=np.zeros(input_shape, bool))
+    assert len(unmasked) == 4 and not unmasked.mask.any()
+    painted = np.zeros(input_shape, bool)
+    painted[310:330, 390:410] = True
+    repainted = input_to_model(apply_threshold(picks, artifact_mask=painted).yx, input_shape, shape)
+    assert sorted(map(tuple, np.round(repainted).astype(int))) == [(30, 30), (60, 140), (90, 30)]
+    with pytest.raises(ValueError, match="does not match"):
+        apply_threshold(picks, artifact_mask=np.zeros((10, 10), bool))
     fewer = apply_threshold(picks, 0.995)  # only the component peaking at 1.0 survives
     assert len(fewer) == 1 and np.allclose(input_to_model(fewer.yx, input_shape, shape), [[80, 100]], atol=0.6)
 

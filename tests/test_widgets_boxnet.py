@@ -158,6 +158,20 @@ def test_threshold_slider_is_live_without_the_network(qtbot, viewer_model, sim51
     widget.mask_distance.value = 75.0
     settle()
     assert len(points.data) == 2
+    # the artifacts layer as painted rules: painting over a pick drops it (live), erasing the network's mask
+    # brings back the pick it had dropped at 300 Å
+    labels.brush_size = 9
+    labels.paint((400, 400), 2)
+    settle()
+    assert sorted(map(tuple, np.round(points.data).astype(int))) == [(120, 410)]
+    labels.data = np.zeros_like(labels.data)
+    widget.mask_distance.value = 300.0
+    settle()
+    assert len(points.data) == 2
+    labels.data = mask_before.copy()
+    widget.mask_distance.value = 75.0
+    settle()
+    assert len(points.data) == 2
     # a drag: many values in a row give one re-derivation with the last one
     derived = []
     original = widget.update_threshold

@@ -294,6 +294,7 @@ class BoxNetWidget(ProgressRun, Container):
         self._throttle.setInterval(THROTTLE_MS)
         self._throttle.timeout.connect(self.update_threshold)
         self._diameter = float(self.diameter.value)
+        self._painted_layers = weakref.WeakSet()
         self.diameter.changed.connect(self._diameter_changed)
         for w in (self.threshold, self.min_distance, self.mask_distance):
             w.changed.connect(self._schedule_update)
@@ -397,6 +398,13 @@ class BoxNetWidget(ProgressRun, Container):
         if not self._throttle.isActive():
             self._throttle.start()
 
+    def _watch_paint(self, labels) -> None:
+        """Re-derive the picks when the artifacts layer is painted (once per layer)."""
+        real = _real(labels)
+        if real not in self._painted_layers:
+            self._painted_layers.add(real)
+            real.events.paint.connect(self._schedule_update)
+
     def _diameter_changed(self, value):
         """The minimum distances (to artifacts, between picks) follow the diameter while they are its defaults."""
         from ..core.picking import BoxNetSettings
@@ -412,6 +420,7 @@ class BoxNetWidget(ProgressRun, Container):
     def update_threshold(self, *_):
         """Re-derive the chosen micrograph's picks from the stored network output with the form's threshold,
         diameter and minimum distance to artifacts (no network); returns the new ``Picks`` or None."""
+        from .._layers import masks_from_labels
         from ..core.picking import apply_threshold
 
         layer = self.source.value
@@ -423,8 +432,13 @@ class BoxNetWidget(ProgressRun, Container):
                 points.size = float(self.diameter.value) / ps
                 points.metadata = {**points.metadata, "diameter": float(self.diameter.value)}
             return None
-        picks = apply_threshold(stored, float(self.threshold.value), diameter=float(self.diameter.value),
-                                mask_distance=float(self.mask_distance.value),
+        labels = our_layer(self._viewer, "artifacts", layer)
+        painted = None  # the artifacts layer as painted and erased by hand replaces the network's mask
+        if labels is not None and tuple(labels.data.shape) == tuple(stored.input_shape):
+            painted = masks_from_labels(labels.data)[0]
+            self._watch_paint(labels)
+        picks = apply_threshold(stored, float(self.threshold.value), artifact_mask=painted,
+                                diameter=float(self.diameter.value), mask_distance=float(self.mask_distance.value),
                                 min_distance=float(self.min_distance.value))
         s = picks.settings
         show_picks(self._viewer, layer, picks.yx, picks.score, s.pixel_size, s.diameter, picks=picks, mask=None,

@@ -259,15 +259,30 @@ def resolve_overlaps(yx: np.ndarray, area: np.ndarray, distance: float) -> np.nd
 
 
 def _nearest_model_index(n: int, m: int) -> np.ndarray:
-    """For each of ``n`` input pixels along an axis, the nearest of ``m`` model pixels (``input_to_model`` in 1D)."""
+    """For each of ``n`` pixels along an axis, the nearest of ``m`` pixels of the other sampling (``input_to_model``
+    in 1D for input → model; swap the sizes for model → input)."""
     return np.clip(np.rint((np.arange(n) - n // 2) * (m / n) + m // 2).astype(int), 0, m - 1)
 
 
-def apply_threshold(picks: Picks, threshold: float | None = None, **changes) -> Picks:
-    """Picks from the stored probabilities with a new threshold (or other post-processing settings); no network."""
+def apply_threshold(picks: Picks, threshold: float | None = None, *, artifact_mask: np.ndarray | None = None,
+                    **changes) -> Picks:
+    """Picks from the stored probabilities with a new threshold (or other post-processing settings); no network.
+
+    artifact_mask: bool ``(Y, X)`` at the input sampling that replaces the network's artifact mask, e.g. as the user
+    painted and erased it; picks closer than ``mask_distance`` to it are dropped.
+    """
     settings = replace(picks.settings, **({"threshold": threshold} if threshold is not None else {}), **changes)
-    same_mask = all(getattr(settings, k) == getattr(picks.settings, k) for k in ("mask_threshold", "min_mask_area"))
-    masks = (picks.model_mask, picks.mask) if same_mask and picks.model_mask is not None else None
+    if artifact_mask is not None:
+        mask = np.asarray(artifact_mask, dtype=bool)
+        if mask.shape != tuple(picks.input_shape):
+            raise ValueError(f"artifact mask of shape {mask.shape} does not match the micrograph's "
+                             f"{tuple(picks.input_shape)}")
+        model_shape = picks.probabilities.shape[1:]
+        rows, cols = (_nearest_model_index(m, n) for m, n in zip(model_shape, mask.shape))  # model px → input px
+        masks = (mask[rows[:, None], cols[None, :]], mask)
+    else:
+        same = all(getattr(settings, k) == getattr(picks.settings, k) for k in ("mask_threshold", "min_mask_area"))
+        masks = (picks.model_mask, picks.mask) if same and picks.model_mask is not None else None
     return _postprocess(picks.probabilities, picks.input_shape, picks.model_pixel_size, settings, picks.model, masks)
 
 
