@@ -403,7 +403,8 @@ def run_process(args) -> int:
             bits = [f"motion {m['motion']:.2f} Å" if m.get("motion") is not None else None,
                     f"defocus {m['defocus']:.3f} µm" if m.get("defocus") is not None else None,
                     f"fit to {m['fit_resolution']:.2f} Å" if m.get("fit_resolution") else None,
-                    f"{m['particles']:.0f} particles" if m.get("particles") is not None else None]
+                    f"{m['particles']:.0f} particles" if m.get("particles") is not None else None,
+                    _exported(rec) if "export" in rec["steps"] else None]
             print(f"\r{rec['name']}: {', '.join(b for b in bits if b)}", flush=True)
 
     def progress(stats, done, total):
@@ -425,7 +426,32 @@ def run_process(args) -> int:
             client.close()
     print(f"\n{stats.done} item(s) processed, {stats.failed} failed in this run; settings in "
           f"{out / 'napari-warp.settings.toml'}", file=sys.stderr)
+    if session.settings.extract:
+        print(_lists_line(out), file=sys.stderr)
     return 0
+
+
+def _exported(rec: dict) -> str:
+    """What an item's export step did, for the per-item lines."""
+    if not rec["steps"].get("export", {}).get("completed"):
+        return "not exported yet"
+    n = int(rec["metrics"].get("exported") or 0)
+    return f"{n} particles exported" if n else "no picks: nothing exported"
+
+
+def _lists_line(folder: Path) -> str:
+    """The session-wide particle STAR files that exist now, with their particle counts."""
+    from .core.io.star import read_star
+    from .core.session import PARTICLE_LISTS
+
+    bits = []
+    for name in PARTICLE_LISTS.values():
+        path = Path(folder) / name
+        if path.exists():
+            bits.append(f"{path} ({len(read_star(path)['particles'])} particles)")
+        else:
+            bits.append(f"{name}: none (no item with particles)")
+    return "particle lists: " + "; ".join(bits)
 
 
 def run_status(args) -> int:
@@ -453,9 +479,61 @@ def run_status(args) -> int:
         what = r["error"] or "; ".join(r.get("filter_reasons") or []) or (
             f"defocus {m['defocus']:.3f} µm, fit to {m['fit_resolution']:.2f} Å" if m.get("defocus") is not None
             else "") + (f", {m['particles']:.0f} particles" if m.get("particles") is not None else "")
+        if "export" in r["steps"] and r["status"] != "failed":
+            what += ("; " if what else "") + _exported(r)
         print(f"{r['name']:<32} {r['status']:<12} {what}")
     print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no items")
+    if settings.extract:
+        print(_lists_line(out))
     return 0
+
+
+def run_export(args) -> int:
+    """``napari-warp export``: only the particle export step over an already processed session (outdated items)."""
+    from dataclasses import replace
+
+    from .core.errors import NapariWarpError
+    from .core.session import export_session
+
+    for flag, key in (("box", "export.box_size"), ("pixel_size", "export.pixel_size"),
+                      ("diameter", "export.diameter")):
+        if getattr(args, flag) is not None:
+            args.set = [f"{key}={getattr(args, flag)}", *(args.set or [])]
+    switches = {"no_invert": "export.invert=false", "no_normalize": "export.normalize=false",
+                "halves": "export.halves=true", "phase_flip": "export.phase_flip=true"}
+    # the session exports from now on (process too), unless --set session.extract=false says otherwise
+    args.set = ["session.extract=true", *(v for k, v in switches.items() if getattr(args, k)), *(args.set or [])]
+    try:
+        if not Path(args.folder).is_dir():
+            raise NapariWarpError(f"{args.folder} is not a folder")
+        settings, out = _session_settings(args)
+    except (ValueError, NapariWarpError) as exc:
+        print(f"napari-warp: {exc}", file=sys.stderr)
+        return 2
+    e = settings.export
+    print(f"exporting {args.items} items of {out}: box {e.box_size} px, "
+          f"{f'{e.pixel_size:g} Å/px' if e.pixel_size else 'micrograph pixel size'}, "
+          f"diameter {f'{e.diameter:g} Å' if e.diameter else 'auto'}, invert {e.invert}, normalize {e.normalize}, "
+          f"halves {e.halves}, phase flip {e.phase_flip}", file=sys.stderr)
+
+    def item(rec):
+        state = rec["error"] if rec["status"] == "failed" else _exported(rec)
+        print(f"\r{rec['name']}: {state}", file=sys.stderr, flush=True)
+
+    try:
+        summary = export_session(replace(settings, input=str(args.folder)), out, items=args.items,
+                                 device=args.device, progress=_progress("exporting particles"), on_item=item)
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+        return 1
+    for row in summary["items"]:
+        print(f"{row['name']:<32} {row['particles']:>7} particles  {row['state']}")
+    for row in summary["skipped"]:
+        print(f"{row['name']:<32} {'':>7} skipped    {row['reason']}")
+    print(f"{summary['total']} particles in {sum(r['particles'] > 0 for r in summary['items'])} item(s); "
+          f"{summary['exported']} item(s) exported in this run")
+    print(_lists_line(out))
+    return 1 if any(r["state"].startswith("failed") for r in summary["items"]) else 0
 
 
 def run_boxnet_train(args) -> int:
@@ -571,6 +649,29 @@ def main(argv: list[str] | None = None) -> int:
     proc.add_argument("--settle", type=float, default=1.0, help="seconds a file must stay unchanged (default 1)")
     proc.add_argument("--device", help="torch device (default: CUDA when present)")
 
+    export = sub.add_parser("export", help="extract particles (picks) from the movies of a processed session",
+                            description="Extract each item's picks from its movie with its motion model and local "
+                            "CTF into particles/<name>.mrcs, and write particles_all.star and particles_good.star "
+                            "(RELION 3.1) into the processing folder. Only items whose export is outdated are "
+                            "exported. The options are saved to the session's [export] settings (those not given keep "
+                            "the saved values; defaults below are a new session's), and the session exports new items "
+                            "from now on (session.extract = true).")
+    export.add_argument("folder", type=Path, help="the session's input folder")
+    export.add_argument("--out", type=Path, help="processing folder (default: the folder itself)")
+    export.add_argument("--box", type=int, help="box size in px of the output (even; default 128)")
+    export.add_argument("--pixel-size", type=float, help="output pixel size in Å/px (default: the micrograph's)")
+    export.add_argument("--diameter", type=float, help="particle diameter in Å; the background for normalisation "
+                        "lies outside it (default: 75 %% of the box)")
+    export.add_argument("--no-invert", action="store_true", help="keep the contrast (default: protein white)")
+    export.add_argument("--no-normalize", action="store_true", help="no background normalisation")
+    export.add_argument("--halves", action="store_true", help="also odd/even-frame stacks (particles/odd, even)")
+    export.add_argument("--phase-flip", action="store_true", help="phase-flip with each particle's local CTF")
+    export.add_argument("--items", choices=("all", "good"), default="all",
+                        help="all processed items, or only those passing the filters and not excluded (default all)")
+    export.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                        help="change a setting and keep it in the settings file, e.g. --set export.halves=true")
+    export.add_argument("--device", help="torch device (default: CUDA when present)")
+
     status = sub.add_parser("status", help="per item: status, error, metrics and step records")
     status.add_argument("folder", type=Path)
     status.add_argument("--out", type=Path, help="processing folder (default: the folder itself)")
@@ -604,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_process(args)
     if args.command == "status":
         return run_status(args)
+    if args.command == "export":
+        return run_export(args)
     if args.command == "motion":
         return run_motion(args)
     if args.command == "ctf":

@@ -2,6 +2,7 @@
 the settings form, progress, and the item list coloured by status; an item opens as layers in the viewer."""
 
 # No `from __future__ import annotations`: napari injects the viewer by the exact annotation string.
+import contextlib
 import dataclasses
 import functools
 import math
@@ -90,8 +91,8 @@ def format_xy_grid(grid) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # (section of ``SessionSettings.sections()``, title), most used first; ``COLLAPSED`` ones start folded
 FORM_SECTIONS = (("session", "Folders"), ("movie", "Movies"), ("ctf", "CTF"), ("picking", "Picking (BoxNet)"),
-                 ("filters", "Quality filters"), ("motion", "Motion"))
-COLLAPSED = ("motion", "picking")
+                 ("export", "Particle export"), ("filters", "Quality filters"), ("motion", "Motion"))
+COLLAPSED = ("motion", "picking", "export")
 _CHOICES = {"session.ctf_from": ("average", "frames")}
 _FILES = ("movie.gain", "movie.defects", "picking.model")
 
@@ -100,11 +101,12 @@ def setting_fields(section: str) -> dict:
     """``{name: dataclasses.Field}`` of a section of the settings file."""
     from ..core.ctf_fit import CTFSettings
     from ..core.motion import MotionSettings
+    from ..core.particles import ExportSettings
     from ..core.picking import BoxNetSettings
     from ..core.session import MovieOptions, QualityFilters, SessionSettings
 
     cls = {"session": SessionSettings, "movie": MovieOptions, "motion": MotionSettings, "ctf": CTFSettings,
-           "picking": BoxNetSettings, "filters": QualityFilters}[section]
+           "picking": BoxNetSettings, "export": ExportSettings, "filters": QualityFilters}[section]
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
@@ -271,6 +273,27 @@ def _picking_layers(paths, meta, ps: float, tag: dict, source: str) -> list:
         if mask.any():
             out.append(mask_layer(mask, ps, f"{paths.name} artifacts", metadata=dict(tag)))
     return out
+
+
+def item_picks_layer(viewer):
+    """The picks (Points) layer of the session item opened in ``viewer``, or None."""
+    for layer in viewer.layers:
+        meta = layer.metadata or {}
+        if ITEM_KEY in meta and meta.get("napari_warp_role") == "picks":
+            return layer
+    return None
+
+
+def save_picks_layer(layer):
+    """Write an opened item's picks layer, as edited, back to its ``picks/<name>.star`` (and ``ParticleCount``);
+    the new file content makes the item's particle export outdated. Returns the path."""
+    import numpy as np
+
+    from ..core.item import save_item_picks
+
+    meta = layer.metadata
+    score = np.asarray(layer.features["score"], dtype=float) if "score" in layer.features else None
+    return save_item_picks(meta["folder"], meta["movie"], np.asarray(layer.data, dtype=float).reshape(-1, 2), score)
 
 
 def show_item_layers(viewer, layers: list) -> list:
@@ -449,6 +472,9 @@ class SessionWidget(Container):
         self.include_button = PushButton(text="Include")
         self.exclude_button = PushButton(text="Exclude")
         self.reset_button = PushButton(text="Reset")
+        self.save_picks_button = PushButton(text="Save edited picks", enabled=False)
+        self.save_picks_button.tooltip = ("Write the opened item's picks layer, as edited, to picks/<name>.star: "
+                                          "that item's particle export becomes outdated")
         self.item_info = Label(value="")
 
         def section(title):
@@ -460,7 +486,8 @@ class SessionWidget(Container):
         buttons = Container(widgets=[self.start_button, self.stop_button, self.refresh_button], layout="horizontal",
                             labels=False)
         item_buttons = Container(widgets=[self.open_button, self.include_button, self.exclude_button,
-                                          self.reset_button], layout="horizontal", labels=False)
+                                          self.reset_button, self.save_picks_button], layout="horizontal",
+                                 labels=False)
         self._list_box = Container(widgets=[], labels=False)
         self._list_box.native.layout().addWidget(self.table)
         self.sections: dict = {}  # section -> its sub-form (a Container)
@@ -513,6 +540,9 @@ class SessionWidget(Container):
         self.include_button.changed.connect(lambda *_: self.set_manual("include"))
         self.exclude_button.changed.connect(lambda *_: self.set_manual("exclude"))
         self.reset_button.changed.connect(lambda *_: self.set_manual(None))
+        self.save_picks_button.changed.connect(lambda *_: self.save_picks())
+        for ev in ("inserted", "removed"):
+            getattr(viewer.layers.events, ev).connect(self._layers_changed)
         self.table.itemSelectionChanged.connect(self._selection_changed)
 
         self._tick_timer = QTimer(self.native)
@@ -818,15 +848,17 @@ class SessionWidget(Container):
             if self._session is not None:
                 self._session.settings = dataclasses.replace(self._session.settings, filters=settings.filters)
         self._file_filters = settings.filters
+        elsewhere = ("pick", "picking", "extract", "export")
         if (self._session is None and self._loaded is not None
-                and (settings.pick, settings.picking) != (self._loaded.pick, self._loaded.picking)):
-            # picking changed elsewhere (the BoxNet training dock pointed this session at a retrained model): show
-            # it, keeping the other fields as the user left them, so Start does not write the old model back
+                and any(getattr(settings, k) != getattr(self._loaded, k) for k in elsewhere)):
+            # picking or export changed elsewhere (the BoxNet training dock pointed this session at a retrained
+            # model, the export dock saved its form): show it, keeping the other fields as the user left them, so
+            # Start does not write the old values back
             try:
                 form = self.settings()
             except ValueError:
                 form = self._loaded
-            self.load_form(dataclasses.replace(form, pick=settings.pick, picking=settings.picking))
+            self.load_form(dataclasses.replace(form, **{k: getattr(settings, k) for k in elsewhere}))
         selected = self.selected_record()
         names = [r["name"] for r in records]
         if names[: len(self.records)] != [r["name"] for r in self.records]:
@@ -937,6 +969,27 @@ class SessionWidget(Container):
         set_manual(self.folder, rec["path"], choice)
         self.refresh(wait=True)
 
+    def _layers_changed(self, *_):
+        with contextlib.suppress(RuntimeError):  # the dock's Qt widgets may be gone before the viewer
+            self.save_picks_button.enabled = item_picks_layer(self._viewer) is not None
+
+    def save_picks(self):
+        """Save the opened item's picks layer (as edited) to its picks file; returns the path (None: nothing to
+        save). The item's export step is outdated from then on, so the next run re-exports it."""
+        layer = item_picks_layer(self._viewer)
+        if layer is None:
+            self.item_info.value = "No picks to save: open an item that has picks first."
+            return None
+        try:
+            path = save_picks_layer(layer)
+        except (OSError, ValueError) as exc:
+            self.item_info.value = f"Could not save the picks of {layer.metadata.get(ITEM_KEY)}: {exc}"
+            return None
+        self.refresh(wait=True)  # before the message: a refresh shows the selected item's status there
+        self.item_info.value = (f"Saved {len(layer.data)} picks of <b>{layer.metadata[ITEM_KEY]}</b> to {path}; "
+                                "its particle export is outdated now.")
+        return path
+
 
 def status_tooltip(rec: dict, status: str) -> str:
     """What the item list says about an item's status (the failure reason, filter reasons, manual choice)."""
@@ -949,13 +1002,21 @@ def status_tooltip(rec: dict, status: str) -> str:
     if status == "processing":
         return "being processed now"
     if status == "outdated":
+        stale = [step for step, v in (rec.get("steps") or {}).items() if not v.get("up_to_date")]
+        if stale == ["export"]:
+            return "outdated: its particle export (export settings or picks changed since)"
         return "outdated: the settings changed since it was processed"
     if status == "unprocessed":
         return "not processed yet"
+    if rec.get("metrics", {}).get("exported") is not None and "export" in (rec.get("steps") or {}):
+        n = int(rec["metrics"]["exported"])
+        done = f"{n} particles exported" if n else "no picks, nothing exported"
+    else:
+        done = "processed"
     if rec.get("manual") == "include":
-        return "processed; included manually" + (
+        return f"{done}; included manually" + (
             " (overrides: " + "; ".join(rec["filter_reasons"]) + ")" if rec.get("filter_reasons") else "")
-    return "processed; passes the filters"
+    return f"{done}; passes the filters"
 
 
 class _OnShow(QObject):

@@ -9,6 +9,8 @@ Layout (as Warp writes it, so Warp users find their files)::
     <folder>/powerspectrum/<name>.mrc    mean patch power spectrum of the CTF fit (rfft half, DC at [0, 0])
     <folder>/picks/<name>.star           BoxNet picks (rlnCoordinateX/Y px of the average, figure of merit, model)
     <folder>/mask/<name>.tif             BoxNet artifact mask (uint8, 1 = artifact) at the average's sampling
+    <folder>/particles/<name>.mrcs       exported particles (dose-weighted, from the movie; odd/, even/ halves)
+    <folder>/particles/<name>.star       their RELION 3.1 particle STAR (optics, CTF per particle)
 
 Every file is written atomically; the XML is written last, so an item whose XML names a result has that result.
 """
@@ -72,6 +74,19 @@ class ItemPaths:
     @property
     def mask(self) -> Path:
         return self.folder / "mask" / f"{self.name}.tif"
+
+    @property
+    def particles(self) -> Path:
+        return self.folder / "particles" / f"{self.name}.mrcs"
+
+    @property
+    def particles_star(self) -> Path:
+        return self.folder / "particles" / f"{self.name}.star"
+
+    def particle_halves(self) -> tuple[Path, Path]:
+        """(odd, even) half stacks, where ``particles.write_particle_stack`` puts them."""
+        return (self.particles.parent / "odd" / self.particles.name,
+                self.particles.parent / "even" / self.particles.name)
 
 
 def item_paths(folder: str | Path, movie_path: str | Path) -> ItemPaths:
@@ -258,3 +273,90 @@ def run_picking_step(
     meta.write(paths.xml)
     return {"particles": len(picks), "model": picks.model, "seconds": round(time.perf_counter() - t0, 2),
             "picks_star": str(paths.picks), "mask": str(paths.mask), "xml": str(paths.xml), "picks": picks}
+
+
+def save_item_picks(folder: str | Path, movie_path: str | Path, yx, score=None) -> Path:
+    """Replace the item's picks (e.g. edited by hand in napari) with ``yx`` ``(N, 2)`` px of the average: the picks
+    STAR keeps the earlier file's model, diameter and threshold record, and the XML's ``ParticleCount`` follows (so
+    the particle-count filter sees the edit). The file's new content makes the item's export step outdated."""
+    from .picking.io import read_picks_star, write_picks_star
+
+    paths = item_paths(folder, movie_path)
+    info = read_picks_star(paths.picks).info if paths.picks.exists() else {}
+    yx = np.asarray(yx, dtype=np.float64).reshape(-1, 2)
+    write_picks_star(paths.picks, yx, score, micrograph_name=info.get("micrograph_name") or paths.average.name,
+                     model=info.get("model"), diameter=info.get("diameter"), threshold=info.get("threshold"))
+    if paths.xml.exists():
+        meta = load_metadata(paths, movie_path)
+        meta.set_attr("ParticleCount", len(yx))
+        meta.write(paths.xml)
+    return paths.picks
+
+
+def load_motion(meta: WarpMetadata, n_frames: int, shape, pixel_size: float):
+    """The item's motion model from its XML, for a movie of ``n_frames`` frames of ``shape`` ``(Y, X)`` px, with the
+    frames it averaged (``skip_first``/``skip_last`` of its ``<OptionsMovement>``)."""
+    from .motion import motion_from_xml
+
+    if not meta.has("GridMovementX"):
+        raise ValueError(f"{meta.path or 'item XML'}: no motion model (run the motion step first)")
+    opts = meta.get_params("OptionsMovement") if meta.has("OptionsMovement") else {}
+    skip = [int(float(opts.get(k, 0) or 0)) for k in ("skip_first", "skip_last")]
+    return motion_from_xml(meta, shape, pixel_size, n_frames=n_frames, skip_first=skip[0], skip_last=skip[1])
+
+
+def _remove(*paths: Path) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+def run_export_step(
+    frames,
+    settings,
+    folder: str | Path,
+    movie_path: str | Path,
+    *,
+    motion_settings,
+    pixel_size: float | None = None,
+    device=None,
+    progress: Progress | None = None,
+) -> dict:
+    """Extract the item's picks (``picks/<name>.star``) from ``frames`` (its movie: an ``io.movie.Movie``, read in
+    chunks, or the decoded ``(F, Y, X)`` frames) with its motion model and local CTF (``particles.ExportSettings``
+    ``settings``; ``motion_settings``: the dose the average was made with). Writes ``particles/<name>.mrcs`` (+ the
+    odd/even halves when asked) and its particle STAR, then the XML (``<OptionsExport>``, ``ExportedParticles``).
+    Without picks nothing is extracted (0 particles; earlier stacks are removed so no stale particles remain).
+    Returns the count, the ``ParticleStack`` (``"stack"``, None without picks) and the paths."""
+    from .ctf_fit import ctf_from_xml
+    from .motion import _frames_shape
+    from .particles import extract_particles, write_particle_stack, write_particle_star
+    from .picking.io import read_picks_star
+
+    paths = item_paths(folder, movie_path)
+    t0 = time.perf_counter()
+    meta = load_metadata(paths, movie_path)
+    ps = float(pixel_size or meta.get_float("PixelSize", None) or motion_settings.pixel_size)
+    picks = read_picks_star(paths.picks) if paths.picks.exists() else None
+    stack = None
+    if picks is not None and len(picks):
+        n_frames, ny, nx = _frames_shape(frames)
+        motion = load_motion(meta, n_frames, (ny, nx), ps)
+        ctf = ctf_from_xml(meta) if meta.has("CTF") else None
+        scores = picks.score if np.isfinite(picks.score).all() else None  # hand-made picks may have none
+        stack = extract_particles(frames, picks.yx, motion, ctf, settings, motion_settings=motion_settings,
+                                  pixel_size=ps, scores=scores, device=device, progress=progress)
+        written = write_particle_stack(paths.particles, stack, paths.average)
+        write_particle_star(paths.particles_star, [written])
+    else:
+        _remove(paths.particles, paths.particles_star)
+    if stack is None or stack.odd is None:
+        _remove(*paths.particle_halves())
+    meta = load_metadata(paths, movie_path)  # again: a manual choice may have been saved meanwhile
+    meta.set_params("OptionsExport", settings_params(settings))
+    meta.set_attr("ExportedParticles", 0 if stack is None else len(stack))
+    meta.set_attr("ExportPixelSize", "" if stack is None else stack.pixel_size)
+    meta.set_attr("ExportProcessedAt", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    meta.write(paths.xml)
+    return {"particles": 0 if stack is None else len(stack), "stack": stack, "picks": picks is not None,
+            "seconds": round(time.perf_counter() - t0, 2), "particles_mrcs": str(paths.particles),
+            "particles_star": str(paths.particles_star), "xml": str(paths.xml)}

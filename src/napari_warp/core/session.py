@@ -16,6 +16,12 @@ Statuses: ``unprocessed``, ``processing`` (only known to the process doing it), 
 ``failed`` (with the reason; retried only when the file or the settings change), ``filtered`` (fails a quality
 filter) and ``deselected`` (manually excluded; a manual include overrides the filters, as Warp's
 ``UnselectManual``).
+
+Particle export (``SessionSettings.extract``, settings ``[export]``) extracts each item's picks from its movie with
+its motion model and local CTF. Its key holds the motion and CTF keys, the export settings and a digest of the
+picks file's *content*, so picks edited by hand (saved from napari) re-export that item only. The session-wide
+``particles_all.star`` (every item with particles) and ``particles_good.star`` (those passing the filters and not
+excluded) are rewritten after each item and whenever the selection changes.
 """
 
 from __future__ import annotations
@@ -36,18 +42,20 @@ from pathlib import Path
 import numpy as np
 
 from .ctf_fit import CTFSettings
-from .errors import NapariWarpError
+from .errors import Cancelled, NapariWarpError
 from .io.atomic import write_text_atomic
 from .io.warp_xml import WarpMetadata, read_warp_xml
 from .item import (
     item_paths,
     load_metadata,
     run_ctf_step,
+    run_export_step,
     run_motion_step,
     run_picking_step,
     settings_params,
 )
 from .motion import MotionSettings
+from .particles import ExportSettings
 from .picking import BoxNetSettings, load_model
 from .picking.model import model_file_id
 
@@ -69,12 +77,17 @@ __all__ = [
     "process_item",
     "set_manual",
     "write_micrograph_list",
+    "write_particle_lists",
+    "export_session",
+    "export_summary",
+    "PARTICLE_LISTS",
     "Session",
 ]
 
 SETTINGS_FILE = "napari-warp.settings.toml"
-STEPS = ("motion", "ctf", "picking")  # picking only when SessionSettings.pick
-_PROCESSING_DIRS = {"average", "motion", "powerspectrum", "aligned", "deconvolved", "picks", "mask"}
+STEPS = ("motion", "ctf", "picking", "export")  # picking only when SessionSettings.pick, export when .extract
+PARTICLE_LISTS = {"all": "particles_all.star", "good": "particles_good.star"}  # in the processing folder
+_PROCESSING_DIRS = {"average", "motion", "powerspectrum", "aligned", "deconvolved", "picks", "mask", "particles"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,7 +143,8 @@ def _template_picking() -> BoxNetSettings:
 
 
 _PER_MOVIE = {"motion": ("pixel_size", "exposure_per_frame"), "ctf": ("pixel_size",), "picking": ("pixel_size",)}
-_TOP = ("input", "pattern", "recursive", "ctf_from", "pick")
+_TOP = ("input", "pattern", "recursive", "ctf_from", "pick", "extract")
+_TEMPLATES = ("motion", "ctf", "picking", "export")  # sections that are settings dataclasses of the steps
 
 
 @dataclass(frozen=True)
@@ -140,8 +154,11 @@ class SessionSettings:
     input: the folder watched. pattern: space-separated globs. recursive: also look in sub-folders.
     ctf_from: "average" (the aligned average; depends on motion) or "frames" (sum of the raw frames' spectra).
     pick: run BoxNet on each aligned average (``picking`` settings).
-    movie, motion, ctf, picking, filters: the sections. ``motion``, ``ctf`` and ``picking`` are templates: their
-    pixel size and dose are replaced per movie (from ``movie`` or the file header) and are not written to the file.
+    extract: export each item's picked particles from its movie (``export`` settings; ``export.pixel_size`` is the
+    output's, None = the micrograph's).
+    movie, motion, ctf, picking, export, filters: the sections. ``motion``, ``ctf`` and ``picking`` are templates:
+    their pixel size and dose are replaced per movie (from ``movie`` or the file header) and are not written to the
+    file.
     """
 
     input: str = "."
@@ -149,10 +166,12 @@ class SessionSettings:
     recursive: bool = False
     ctf_from: str = "average"
     pick: bool = False
+    extract: bool = False
     movie: MovieOptions = field(default_factory=MovieOptions)
     motion: MotionSettings = field(default_factory=_template_motion)
     ctf: CTFSettings = field(default_factory=_template_ctf)
     picking: BoxNetSettings = field(default_factory=_template_picking)
+    export: ExportSettings = field(default_factory=ExportSettings)
     filters: QualityFilters = field(default_factory=QualityFilters)
 
     def __post_init__(self):
@@ -163,9 +182,9 @@ class SessionSettings:
         """The settings as the file's sections (plain values)."""
         top = {k: getattr(self, k) for k in _TOP}
         out = {"session": top, "movie": dataclasses.asdict(self.movie), "filters": dataclasses.asdict(self.filters)}
-        for name in ("motion", "ctf", "picking"):
+        for name in _TEMPLATES:
             values = {f.name: getattr(getattr(self, name), f.name) for f in fields(getattr(self, name))}
-            for key in _PER_MOVIE[name]:
+            for key in _PER_MOVIE.get(name, ()):
                 values.pop(key)
             out[name] = values
         return out
@@ -262,7 +281,10 @@ def _build(cls, template, values: dict, section: str):
         if key not in known:
             raise ValueError(f"[{section}] has no setting {key!r}; known: {', '.join(sorted(known))}")
         changes[key] = _coerce(known[key], getattr(template, key), value, f"{section}.{key}")
-    return replace(template, **changes)
+    try:
+        return replace(template, **changes)
+    except ValueError as exc:  # the dataclass's own checks, e.g. an odd box size
+        raise ValueError(f"[{section}] {exc}") from None
 
 
 # "section.key" of every setting in ``SessionSettings.sections()`` -> (label, unit or hint), as the GUI shows it
@@ -273,6 +295,7 @@ SETTING_LABELS: dict[str, tuple[str, str]] = {
     "session.recursive": ("Include sub-folders", ""),
     "session.ctf_from": ("Fit CTF from", "average or frames"),
     "session.pick": ("Pick particles", "BoxNet"),
+    "session.extract": ("Export particles", "from the movies"),
     "movie.pixel_size": ("Pixel size", "Å, 0 = header"),
     "movie.exposure": ("Exposure", "e/Å² per frame"),
     "movie.gain": ("Gain reference", "file, empty = none"),
@@ -317,10 +340,20 @@ SETTING_LABELS: dict[str, tuple[str, str]] = {
     "picking.mask_threshold": ("Artifact threshold", "artifact softmax"),
     "picking.min_mask_area": ("Min artifact area", "px at 8 Å/px"),
     "picking.mask_distance": ("Distance to artifacts", "Å, auto = radius"),
+    "picking.min_distance": ("Min. distance between picks", "Å, auto = 0.4 diameter"),
     "picking.tile": ("Tile", "px at 8 Å/px"),
     "picking.overlap": ("Tile overlap", "px at 8 Å/px"),
     "picking.batch_size": ("Tiles per batch", ""),
     "picking.model": ("BoxNet model", "file, empty = generic"),
+    "export.box_size": ("Box size", "px, even"),
+    "export.pixel_size": ("Output pixel size", "Å/px, auto = micrograph's"),
+    "export.diameter": ("Particle diameter", "Å, auto = 75 % of the box"),
+    "export.invert": ("Invert contrast", "protein white"),
+    "export.normalize": ("Normalize", "background mean 0, std 1"),
+    "export.subtract_ramp": ("Subtract background ramp", "with normalize"),
+    "export.halves": ("Odd/even halves", "particles/odd, even"),
+    "export.phase_flip": ("Phase flip", "local CTF"),
+    "export.dose_weighting": ("Dose weighting", "as the average"),
     "filters.defocus_min": ("Keep defocus from", "µm, 0 = off"),
     "filters.defocus_max": ("Keep defocus to", "µm, 0 = off"),
     "filters.astigmatism_sigma": ("Max astigmatism", "σ above mean, 0 = off"),
@@ -335,7 +368,7 @@ SETTING_LABELS: dict[str, tuple[str, str]] = {
 def settings_from_sections(sections: dict[str, dict]) -> SessionSettings:
     """Inverse of ``SessionSettings.sections`` (unknown sections or keys raise ValueError naming them)."""
     base = SessionSettings()
-    unknown = set(sections) - {"session", "movie", "motion", "ctf", "picking", "filters"}
+    unknown = set(sections) - {"session", "movie", "motion", "ctf", "picking", "export", "filters"}
     if unknown:
         raise ValueError(f"unknown settings section(s): {', '.join(sorted(unknown))}")
     top = dict(sections.get("session", {}))
@@ -351,10 +384,13 @@ def settings_from_sections(sections: dict[str, dict]) -> SessionSettings:
         ctf_from=str(top.get("ctf_from", base.ctf_from)),
         pick=_coerce(next(f for f in fields(SessionSettings) if f.name == "pick"), False,
                      top.get("pick", base.pick), "session.pick"),
+        extract=_coerce(next(f for f in fields(SessionSettings) if f.name == "extract"), False,
+                        top.get("extract", base.extract), "session.extract"),
         movie=_build(MovieOptions, base.movie, sections.get("movie", {}), "movie"),
         motion=_build(MotionSettings, base.motion, sections.get("motion", {}), "motion"),
         ctf=_build(CTFSettings, base.ctf, sections.get("ctf", {}), "ctf"),
         picking=_build(BoxNetSettings, base.picking, sections.get("picking", {}), "picking"),
+        export=_build(ExportSettings, base.export, sections.get("export", {}), "export"),
         filters=_build(QualityFilters, base.filters, sections.get("filters", {}), "filters"),
     )
     return out
@@ -462,8 +498,12 @@ def _hash(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def step_keys(settings: SessionSettings, pixel_size: float) -> dict[str, str]:
-    """The key each step's stored record must have to be up to date, for a movie of ``pixel_size`` Å/px."""
+def step_keys(settings: SessionSettings, pixel_size: float, picks: str | None = None) -> dict[str, str]:
+    """The key each step's stored record must have to be up to date, for a movie of ``pixel_size`` Å/px.
+
+    picks: digest of the item's picks file (``picks_digest``), part of the export key: picks edited by hand make
+    the export outdated, while the picking step (which wrote the file) stays up to date.
+    """
     movie = dataclasses.asdict(settings.movie)
     motion = _hash({"movie": movie, "motion": settings_params(settings.motion_for(pixel_size))})
     ctf_input = motion if settings.ctf_from == "average" else _hash({"movie": movie})
@@ -472,7 +512,33 @@ def step_keys(settings: SessionSettings, pixel_size: float) -> dict[str, str]:
     if settings.pick:  # the model file's content is part of the key: a retrained model makes picking outdated
         keys["picking"] = _hash({"input": motion, "picking": settings_params(settings.picking_for(pixel_size)),
                                  "model": model_file_id(settings.picking.model)})
+    if settings.extract:  # from the movie with its motion model and local CTF, at the picks in the file
+        keys["export"] = _hash({"motion": motion, "ctf": ctf, "picks": picks or "none",
+                                "export": settings_params(settings.export)})
     return keys
+
+
+_DIGESTS: dict = {}  # path -> (file stamp, digest): a picks file is hashed again only when it changed
+
+
+def picks_digest(folder: str | os.PathLike, movie: str | os.PathLike) -> str | None:
+    """SHA-1 (16 hex) of the item's picks file content, None when it has none."""
+    path = item_paths(folder, movie).picks
+    stamp = _stat(path)
+    if stamp is None:
+        return None
+    hit = _DIGESTS.get(path)
+    if hit is None or hit[0] != stamp:
+        hit = (stamp, hashlib.sha1(path.read_bytes()).hexdigest()[:16])
+        if len(_DIGESTS) > 100_000:
+            _DIGESTS.clear()
+        _DIGESTS[path] = hit
+    return hit[1]
+
+
+def _item_keys(settings: SessionSettings, pixel_size: float, folder, movie) -> dict[str, str]:
+    """``step_keys`` for one item (with its picks file's digest where the export needs it)."""
+    return step_keys(settings, pixel_size, picks_digest(folder, movie) if settings.extract else None)
 
 
 def _file_stamp(path: Path) -> str:
@@ -483,13 +549,22 @@ def _file_stamp(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def _stat(path: Path) -> tuple | None:
+    """(size, mtime_ns, inode) of a file, None if missing: the inode tells atomic rewrites within one mtime tick."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 def _attr(meta: WarpMetadata, name: str) -> str | None:
     v = meta.get_attr(name)
     return v if v not in (None, "") else None
 
 
 _STEP_ATTRS = {"motion": ("MotionKey", "MotionProcessedAt"), "ctf": ("CTFKey", "CTFProcessedAt"),
-               "picking": ("PickingKey", "PickingProcessedAt")}
+               "picking": ("PickingKey", "PickingProcessedAt"), "export": ("ExportKey", "ExportProcessedAt")}
 
 
 def _read_meta(folder: Path, movie: Path) -> WarpMetadata | None:
@@ -505,7 +580,7 @@ def _read_meta(folder: Path, movie: Path) -> WarpMetadata | None:
 def _metrics(meta: WarpMetadata) -> dict:
     out: dict[str, float | None] = {}
     for key, attr in (("motion", "MeanFrameMovement"), ("max_local_deviation", "MaxLocalDeviation"),
-                      ("particles", "ParticleCount")):
+                      ("particles", "ParticleCount"), ("exported", "ExportedParticles")):
         v = meta.get_attr(attr)
         out[key] = float(v) if v not in (None, "") else None
     if meta.has("CTF"):
@@ -522,8 +597,9 @@ def _metrics(meta: WarpMetadata) -> dict:
 
 def item_record(folder: str | os.PathLike, movie: str | os.PathLike, settings: SessionSettings) -> dict:
     """The item's state as ``status`` reports it: ``name``, ``path``, ``status``, ``error``, ``metrics`` (defocus
-    µm, astigmatism Å, phase shift °, fit resolution Å, motion Å), ``steps`` (per step: ``key``, ``completed``,
-    ``up_to_date``), ``manual`` (None, "include" or "exclude"). Filters are applied by ``session_records``."""
+    µm, astigmatism Å, phase shift °, fit resolution Å, motion Å, picks ``particles``, ``exported`` particles),
+    ``steps`` (per step: ``key``, ``completed``, ``up_to_date``), ``manual`` (None, "include" or "exclude").
+    Filters are applied by ``session_records``."""
     folder, movie = Path(folder), Path(movie)
     meta = _read_meta(folder, movie)
     rec = {"name": item_paths(folder, movie).name, "path": str(movie), "status": "unprocessed", "error": None,
@@ -534,7 +610,7 @@ def item_record(folder: str | os.PathLike, movie: str | os.PathLike, settings: S
     rec["manual"] = None if manual is None else ("exclude" if manual.lower() == "true" else "include")
     rec["metrics"] = _metrics(meta)
     ps = meta.get_float("PixelSize", None) or settings.movie.pixel_size or 1.0
-    want = step_keys(settings, ps)
+    want = _item_keys(settings, ps, folder, movie)
     stale = False
     for step in want:
         key_attr, at_attr = _STEP_ATTRS[step]
@@ -591,7 +667,11 @@ def session_records(settings: SessionSettings, folder: str | os.PathLike | None 
     excluded one becomes ``deselected``."""
     folder = Path(folder or settings.input)
     movies = discover(settings, folder) if movies is None else movies
-    recs = [item_record(folder, m, settings) for m in movies]
+    return _apply_selection(settings, folder, [item_record(folder, m, settings) for m in movies])
+
+
+def _apply_selection(settings: SessionSettings, folder: Path, recs: list[dict]) -> list[dict]:
+    """``session_records``' filters and manual choices applied to item records (changed in place)."""
     ast = [r["metrics"].get("astigmatism") for r in recs if r["status"] == "processed"]
     ast = [a for a in ast if a is not None]
     stats = (float(np.mean(ast)), float(np.std(ast))) if len(ast) >= 3 else None
@@ -658,8 +738,9 @@ def _open(movie: Path, settings: SessionSettings):
 def load_frames(movie: str | os.PathLike, settings: SessionSettings, folder: str | os.PathLike | None = None):
     """Open and decode a movie (the prefetch step): ``(Movie, frames (F, Y, X) float32)``; errors as raised.
 
-    With ``folder``, the frames are left undecoded (``None``) when no outdated step needs them (only a CTF fitted
-    from the aligned average is outdated), so a CTF-only change does not re-read every movie.
+    With ``folder``, the frames are left undecoded (``None``) when no outdated step needs them whole (only a CTF
+    fitted from the aligned average, picking or the export is outdated), so a CTF-only change does not re-read every
+    movie; an export then reads the movie chunk by chunk itself.
     """
     mv = _open(Path(movie), settings)
     if folder is not None:
@@ -680,7 +761,7 @@ def _mark_failed(folder: Path, movie: Path, settings: SessionSettings, step: str
     meta.set_attr("FailedReason", reason)
     meta.set_attr("FailedStep", step)
     meta.set_attr("FailedStamp", stamp)
-    meta.set_attr("FailedKey", _hash(step_keys(settings, ps)))
+    meta.set_attr("FailedKey", _hash(_item_keys(settings, ps, folder, movie)))
     meta.set_attr("PixelSize", ps)  # item_record recomputes the keys with this pixel size
     meta.write(paths.xml)
 
@@ -694,7 +775,8 @@ def _clear_failed(meta: WarpMetadata) -> None:
 def process_item(movie: str | os.PathLike, settings: SessionSettings, folder: str | os.PathLike, *,
                  loaded=None, stamp: str | None = None, device=None,
                  progress: Callable[[int, int], None] | None = None) -> dict:
-    """Bring one item up to date: run the outdated steps (motion, then CTF), each followed by an atomic XML write.
+    """Bring one item up to date: run the outdated steps (motion, CTF, picking, export), each followed by an atomic
+    XML write.
 
     loaded: ``load_frames``' result when prefetched (or an exception it raised). Never raises for a bad movie or a
     failing step: the item is marked failed with the reason, and its record is returned. Picklable arguments, so
@@ -711,7 +793,7 @@ def process_item(movie: str | os.PathLike, settings: SessionSettings, folder: st
         if mv.pixel_size is None:
             raise NapariWarpError(f"{movie}: no pixel size in the header; set movie.pixel_size")
         ps = float(mv.pixel_size)
-        want = step_keys(settings, ps)
+        want = _item_keys(settings, ps, folder, movie)
         rec = item_record(folder, movie, settings)
         average = None
         if not rec["steps"].get("motion", {}).get("up_to_date"):
@@ -741,10 +823,23 @@ def process_item(movie: str | os.PathLike, settings: SessionSettings, folder: st
             run_picking_step(average, settings.picking_for(ps), folder, movie,
                              model=_picking_model(settings.picking.model, device), device=device, progress=progress)
             _stamp(folder, movie, "picking", want["picking"], ps)
+        if "export" in want and not item_record(folder, movie, settings)["steps"]["export"]["up_to_date"]:
+            step = "export"
+            _export(mv if frames is None else frames, settings, folder, movie, ps, device, progress)
     except Exception as exc:  # noqa: BLE001 -- any failure marks the item failed and the session goes on
         reason = str(exc) if isinstance(exc, NapariWarpError) else f"{step} failed: {type(exc).__name__}: {exc}"
         _mark_failed(folder, movie, settings, step, reason, ps, stamp)
     return item_record(folder, movie, settings)
+
+
+def _export(frames, settings: SessionSettings, folder: Path, movie: Path, ps: float, device, progress) -> dict:
+    """The export step of one item, stamped with the key of the picks it read (picking may just have written them;
+    picks saved while it runs leave the item outdated)."""
+    key = _item_keys(settings, ps, folder, movie)["export"]
+    result = run_export_step(frames, settings.export, folder, movie, motion_settings=settings.motion_for(ps),
+                             pixel_size=ps, device=device, progress=progress)
+    _stamp(folder, movie, "export", key, ps)
+    return result
 
 
 def _picking_model(path: str, device):
@@ -775,6 +870,39 @@ def _stamp(folder: Path, movie: Path, step: str, key: str, ps: float) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # the session-wide outputs
 # ---------------------------------------------------------------------------------------------------------------
+_MICROGRAPHS: dict = {}  # item XML -> (stamp, (pixel size, CTF columns)): the list re-reads changed items only
+
+
+def _micrograph_info(folder: Path, movie: Path) -> tuple[float, dict | None] | None:
+    """(pixel size Å/px, RELION CTF columns or None) of an item, from its XML (None without one)."""
+    from .io.warp_xml import ctf_from_params
+
+    paths = item_paths(folder, movie)
+    stamp = _stat(paths.xml)
+    if stamp is None:
+        return None
+    hit = _MICROGRAPHS.get(paths.xml)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    meta = _read_meta(folder, movie)
+    if meta is None:
+        return None
+    p = ctf_from_params(meta.get_params("CTF")) if meta.has("CTF") else {}
+    ctf = None
+    if p:
+        d, a = p["defocus_a"], p.get("defocus_delta_a", 0.0)
+        ctf = {"rlnDefocusU": d + a / 2, "rlnDefocusV": d - a / 2, "rlnCtfAstigmatism": a,
+               "rlnDefocusAngle": p.get("defocus_angle_deg", 0.0), "rlnPhaseShift": p.get("phase_shift_deg", 0.0),
+               "rlnCtfMaxResolution": meta.get_float("CTFResolutionEstimate", 0.0) or 0.0,
+               "rlnCtfFigureOfMerit": meta.get_float("CTFScore", 0.0) or 0.0,
+               "rlnCtfPowerSpectrum": str(paths.power_spectrum.resolve())}
+    info = (meta.get_float("PixelSize", None) or 1.0, ctf)
+    if len(_MICROGRAPHS) > 100_000:
+        _MICROGRAPHS.clear()
+    _MICROGRAPHS[paths.xml] = (stamp, info)
+    return info
+
+
 def write_micrograph_list(settings: SessionSettings, folder: str | os.PathLike, records: Sequence[dict]) -> Path | None:
     """``micrographs_ctf.star`` (RELION 3.1, optics table) of the items that pass, rewritten atomically."""
     from .export import CorrectedMicrograph, write_corrected_micrographs_star
@@ -785,21 +913,10 @@ def write_micrograph_list(settings: SessionSettings, folder: str | os.PathLike, 
         if r["status"] != "processed":
             continue
         paths = item_paths(folder, r["path"])
-        meta = _read_meta(folder, Path(r["path"]))
-        if meta is None or not paths.average.exists():
+        info = _micrograph_info(folder, Path(r["path"]))
+        if info is None or not paths.average.exists():
             continue
-        from .io.warp_xml import ctf_from_params
-
-        p = ctf_from_params(meta.get_params("CTF")) if meta.has("CTF") else {}
-        ps = meta.get_float("PixelSize", None) or 1.0
-        ctf = None
-        if p:
-            d, a = p["defocus_a"], p.get("defocus_delta_a", 0.0)
-            ctf = {"rlnDefocusU": d + a / 2, "rlnDefocusV": d - a / 2, "rlnCtfAstigmatism": a,
-                   "rlnDefocusAngle": p.get("defocus_angle_deg", 0.0), "rlnPhaseShift": p.get("phase_shift_deg", 0.0),
-                   "rlnCtfMaxResolution": meta.get_float("CTFResolutionEstimate", 0.0) or 0.0,
-                   "rlnCtfFigureOfMerit": meta.get_float("CTFScore", 0.0) or 0.0,
-                   "rlnCtfPowerSpectrum": str(paths.power_spectrum.resolve())}
+        ps, ctf = info
         rows.append(CorrectedMicrograph(
             micrograph=paths.average.resolve(), metadata=paths.motion_star.resolve(), pixel_size=ps,
             original_pixel_size=ps / max(settings.movie.binning, 1e-9), voltage=settings.ctf.voltage,
@@ -811,6 +928,189 @@ def write_micrograph_list(settings: SessionSettings, folder: str | os.PathLike, 
         return None
     write_corrected_micrographs_star(path, rows, project_dir=folder)
     return path
+
+
+_LISTED: dict = {}  # particles STAR path -> (stamp, ParticleFile): unchanged items are not re-read
+
+
+def _particle_file(folder: Path, movie: Path):
+    """The item's exported particles as a ``particles.ParticleFile`` for ``write_particle_star``, from its own
+    particle STAR (None when it has none). Only the rows are needed: the images are a zero-stride stand-in of
+    the stack's shape, so no stack is read."""
+    import pandas as pd
+
+    from .io.star import read_star
+    from .particles import ParticleFile, ParticleStack
+
+    paths = item_paths(folder, movie)
+    stamp = _stat(paths.particles_star)
+    if stamp is None:
+        return None
+    hit = _LISTED.get(paths.particles_star)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    blocks = read_star(paths.particles_star)
+    optics, rows = blocks["optics"].iloc[0], blocks["particles"]
+    n, box = len(rows), int(optics["rlnImageSize"])
+    ctf = None
+    if "rlnDefocusU" in rows:
+        res = rows["rlnCtfMaxResolution"] if "rlnCtfMaxResolution" in rows else np.full(n, np.nan)
+        ctf = pd.DataFrame({"defocus_u": rows["rlnDefocusU"].to_numpy(float),
+                            "defocus_v": rows["rlnDefocusV"].to_numpy(float),
+                            "defocus_angle": rows["rlnDefocusAngle"].to_numpy(float),
+                            "phase_shift": rows["rlnPhaseShift"].to_numpy(float),
+                            "max_resolution": np.asarray(res, float)})
+    scores = rows["rlnAutopickFigureOfMerit"].to_numpy(float) if "rlnAutopickFigureOfMerit" in rows else None
+    stack = ParticleStack(
+        images=np.broadcast_to(np.zeros((), np.float32), (n, box, box)),
+        yx=rows[["rlnCoordinateY", "rlnCoordinateX"]].to_numpy(float),
+        pixel_size=float(optics["rlnImagePixelSize"]), micrograph_pixel_size=float(optics["rlnMicrographPixelSize"]),
+        ctf=ctf, scores=scores, voltage=float(optics["rlnVoltage"]), cs=float(optics["rlnSphericalAberration"]),
+        amplitude=float(optics["rlnAmplitudeContrast"]),
+        phase_flipped=bool(int(optics.get("rlnCtfDataArePhaseFlipped", 0))),
+    )
+    odd, even = paths.particle_halves()
+    halves = (odd, even) if odd.exists() and even.exists() else (None, None)
+    pf = ParticleFile(stack=stack, path=paths.particles, micrograph=paths.average, odd=halves[0], even=halves[1])
+    _LISTED[paths.particles_star] = (stamp, pf)
+    return pf
+
+
+def write_particle_lists(settings: SessionSettings, folder: str | os.PathLike,
+                         records: Sequence[dict]) -> dict[str, Path | None]:
+    """``particles_all.star`` (every item whose export is up to date and has particles, whatever the filters say)
+    and ``particles_good.star`` (those of them that pass the filters and are not excluded), RELION 3.1 with an
+    optics table and paths relative to the folder, rewritten atomically; a list with no item is removed rather than
+    left stale. ``records``: ``session_records``' (filters applied). Returns ``{"all": path, "good": path}`` (None
+    where removed)."""
+    from .particles import write_particle_star
+
+    folder = Path(folder)
+    chosen: dict[str, list] = {"all": [], "good": []}
+    for r in records:
+        if r["status"] not in ("processed", "filtered", "deselected") or not r["metrics"].get("exported"):
+            continue
+        if not r["steps"].get("export", {}).get("up_to_date"):
+            continue
+        pf = _particle_file(folder, Path(r["path"]))
+        if pf is None:
+            continue
+        chosen["all"].append(pf)
+        if r["status"] == "processed":
+            chosen["good"].append(pf)
+    out: dict[str, Path | None] = {}
+    for which, files in chosen.items():
+        path = folder / PARTICLE_LISTS[which]
+        if files:
+            write_particle_star(path, files)
+            out[which] = path
+        else:
+            path.unlink(missing_ok=True)
+            out[which] = None
+    return out
+
+
+def _meta_pixel_size(folder: Path, movie: Path, settings: SessionSettings) -> float:
+    meta = _read_meta(folder, movie)
+    return (meta.get_float("PixelSize", None) if meta is not None else None) or settings.movie.pixel_size or 1.0
+
+
+def _export_plan(settings: SessionSettings, folder: Path, items: str, movies: Sequence[Path]) -> tuple[list, list]:
+    """(eligible movies, skipped ``{"name", "reason"}``): eligible items have motion, CTF (and picking) up to date
+    and, for ``items="good"``, pass the filters and are not excluded."""
+    if items not in ("all", "good"):
+        raise ValueError(f"items must be 'all' or 'good', got {items!r}")
+    upstream = _apply_selection(settings, folder, [item_record(folder, m, replace(settings, extract=False))
+                                                   for m in movies])
+    keep = ("processed",) if items == "good" else ("processed", "filtered", "deselected")
+    chosen = [Path(r["path"]) for r in upstream if r["status"] in keep]
+    skipped = [{"name": r["name"], "reason": _skip_reason(r)} for r in upstream if r["status"] not in keep]
+    return chosen, skipped
+
+
+def export_summary(settings: SessionSettings, folder: str | os.PathLike | None = None, *, items: str = "all",
+                   movies: Sequence[Path] | None = None, exported_now: Iterable[str] = ()) -> dict:
+    """The session's particle export as it stands (``export_session``'s summary, without exporting): ``{"items":
+    [{"name", "particles", "state"}], "skipped": [{"name", "reason"}], "total", "exported", "lists": {"all",
+    "good": path or None}}``; ``state`` is "exported" (in this run: ``exported_now`` paths), "up to date", "no
+    picks", "outdated", "not exported" or "failed: <reason>"."""
+    settings = replace(settings, extract=True)
+    folder = Path(folder or settings.input)
+    movies = discover(settings, folder) if movies is None else list(movies)
+    chosen, skipped = _export_plan(settings, folder, items, movies)
+    now = {str(p) for p in exported_now}
+    rows = [_export_row(item_record(folder, m, settings), str(m) in now) for m in chosen]
+    lists = {k: (folder / name if (folder / name).exists() else None) for k, name in PARTICLE_LISTS.items()}
+    return {"items": rows, "skipped": skipped, "total": sum(r["particles"] for r in rows), "exported": len(now),
+            "lists": lists}
+
+
+def export_session(settings: SessionSettings, folder: str | os.PathLike | None = None, *, items: str = "all",
+                   movies: Sequence[Path] | None = None, device=None,
+                   progress: Callable[[int, int], None] | None = None,
+                   on_item: Callable[[dict], None] | None = None) -> dict:
+    """Run only the export step over a processed session (the CLI's ``export``, the export dock); ``settings``'
+    ``extract`` is taken as on. Eligible items have their motion, CTF (and picking) up to date; ``items="good"``
+    keeps those passing the filters and not excluded. Only items whose export is outdated are exported (an item
+    failing is marked failed, as in ``process_item``); the particle lists are rewritten at the end (also after a
+    cancel). ``progress(done, total)`` covers all items (raising ``errors.Cancelled`` from it stops the export).
+    Returns ``export_summary``'s summary.
+    """
+    settings = replace(settings, extract=True)
+    folder = Path(folder or settings.input)
+    movies = discover(settings, folder) if movies is None else list(movies)
+    chosen, _ = _export_plan(settings, folder, items, movies)
+    work = [m for m in chosen if not item_record(folder, m, settings)["steps"]["export"]["up_to_date"]]
+    done_now: list[Path] = []
+    try:
+        for i, movie in enumerate(work):
+            sub = None if progress is None else (lambda d, t, i=i: progress(i * 1000 + int(1000 * d / max(t, 1)),
+                                                                              1000 * len(work)))
+            _export_one(movie, settings, folder, device, sub)
+            done_now.append(movie)
+            if on_item is not None:
+                on_item(item_record(folder, movie, settings))
+        if progress is not None:
+            progress(1, 1)
+    finally:  # also after a cancel: the lists show what is exported now
+        write_particle_lists(settings, folder, session_records(settings, folder, movies))
+    return export_summary(settings, folder, items=items, movies=movies, exported_now=done_now)
+
+
+def _export_one(movie: Path, settings: SessionSettings, folder: Path, device, progress) -> None:
+    """Export one item from its movie; a failure marks the item failed (a cancel propagates)."""
+    ps = _meta_pixel_size(folder, movie, settings)
+    stamp = _file_stamp(movie)
+    try:
+        _export(_open(movie, settings), settings, folder, movie, ps, device, progress)
+    except Cancelled:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- as process_item: the item is marked failed, the others go on
+        reason = str(exc) if isinstance(exc, NapariWarpError) else f"export failed: {type(exc).__name__}: {exc}"
+        _mark_failed(folder, movie, settings, "export", reason, ps, stamp)
+
+
+def _skip_reason(rec: dict) -> str:
+    if rec["status"] == "failed":
+        return f"failed: {rec['error']}"
+    if rec["status"] == "filtered":
+        return "filtered out: " + "; ".join(rec.get("filter_reasons") or [])
+    if rec["status"] == "deselected":
+        return "excluded manually"
+    return f"{rec['status']}: process it first"
+
+
+def _export_row(rec: dict, now: bool) -> dict:
+    n = int(rec["metrics"].get("exported") or 0)
+    if rec["status"] == "failed":
+        state = f"failed: {rec['error']}"
+    elif not rec["steps"].get("export", {}).get("up_to_date"):
+        state = "outdated" if rec["steps"].get("export", {}).get("key") else "not exported"
+    elif n == 0:
+        state = "no picks"
+    else:
+        state = "exported" if now else "up to date"
+    return {"name": rec["name"], "particles": n if state in ("exported", "up to date") else 0, "state": state}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -861,11 +1161,9 @@ class Session:
 
     def record(self, movie: Path) -> dict:
         """``item_record``, re-read only when the item's XML (or the movie file) changed."""
-        xml = item_paths(self.folder, movie).xml
-        try:
-            stamp = (xml.stat().st_mtime_ns, _file_stamp(movie))
-        except FileNotFoundError:
-            stamp = (None, _file_stamp(movie))
+        paths = item_paths(self.folder, movie)
+        picks = _stat(paths.picks) if self.settings.extract else None  # hand-edited picks: export outdated
+        stamp = (_stat(paths.xml), _file_stamp(movie), picks)
         hit = self._records.get(movie)
         if hit is not None and hit[0] == stamp:
             return hit[1]
@@ -891,8 +1189,8 @@ class Session:
             work = self.todo(ready)
             self._report(movies)
             if work:
-                self._process(work, movies)
-            if work or self._selection_changed(movies):  # filters, manual choices, new results
+                self._process(work, movies)  # rewrites the session-wide lists after each item
+            if self._selection_changed(movies):  # filters, manual choices, results written elsewhere
                 self._outputs(movies)
             if once and not work:
                 break
@@ -924,6 +1222,7 @@ class Session:
                                           pure=False): p for p in work}
             for fut in as_completed(list(futures)):
                 self._finish(futures[fut], fut.result())
+                self._outputs(movies)
                 self._report(movies)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
@@ -943,6 +1242,7 @@ class Session:
                     _mark_current(self.folder, None)
                     self.current = None
                 self._finish(p, rec)
+                self._outputs(movies)
                 self._report(movies)
 
     def _stamps(self, movies: Sequence[Path]) -> list:
@@ -955,7 +1255,7 @@ class Session:
         return out
 
     def _selection_changed(self, movies: Sequence[Path]) -> bool:
-        """Whether the settings file or any item XML changed since the micrograph list was last written."""
+        """Whether the settings file or any item XML changed since the session-wide lists were last written."""
         return self._stamps(movies) != self._last_outputs
 
     def _outputs(self, movies: Sequence[Path]) -> None:
@@ -967,9 +1267,12 @@ class Session:
             stored = None
         if stored is not None and stored.filters != self.settings.filters:
             self.settings = replace(self.settings, filters=stored.filters)
-        records = session_records(self.settings, self.folder, movies)
+        # the cached records (re-read only where an item's files changed): cheap enough to run after every item
+        records = _apply_selection(self.settings, self.folder, [dict(self.record(m)) for m in movies])
         write_micrograph_list(self.settings, self.folder, records)
-        self._last_outputs = self._stamps(movies)  # what the list now reflects
+        if self.settings.extract:
+            write_particle_lists(self.settings, self.folder, records)
+        self._last_outputs = self._stamps(movies)  # what the lists now reflect
 
 
 def _safe_load(movie: Path, settings: SessionSettings, folder: Path):
