@@ -48,6 +48,27 @@ def sim512():
     return simulate_movie(settings, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory) -> Path:
+    """A tiny processed session with picks (``test_session_export.make_session``), once per module."""
+    from test_session_export import make_session
+
+    return make_session(tmp_path_factory.mktemp("session"))
+
+
+@pytest.fixture
+def session(processed, tmp_path) -> Path:
+    """A private copy of ``processed`` (tests change its files), its settings pointing at the copy."""
+    import dataclasses
+
+    from napari_warp.core.session import load_settings, save_settings
+
+    dst = tmp_path / "session"
+    shutil.copytree(processed, dst)
+    save_settings(dst, dataclasses.replace(load_settings(dst), input=str(dst)))
+    return dst
+
+
 def pytest_collection_modifyitems(config, items):
     if HAVE_DISPLAY:
         return

@@ -5,7 +5,6 @@ files, outdated-ness by settings and picks content, and the `napari-warp export`
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 import tomllib
 from pathlib import Path
@@ -66,19 +65,6 @@ def make_session(folder: Path) -> Path:
     Session(settings, folder, settle=0.1, device="cpu").run(once=True)
     return folder
 
-
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory) -> Path:
-    return make_session(tmp_path_factory.mktemp("session"))
-
-
-@pytest.fixture
-def session(processed, tmp_path) -> Path:
-    """A private copy of the processed session (tests change its files)."""
-    dst = tmp_path / "session"
-    shutil.copytree(processed, dst)
-    save_settings(dst, dataclasses.replace(load_settings(dst), input=str(dst)))
-    return dst
 
 
 def run_once(folder: Path, *sets: str) -> list[dict]:

@@ -4,7 +4,6 @@ canvas, Qt offscreen) over a tiny processed session (test_session_export's)."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import mrcfile
@@ -13,22 +12,7 @@ import pytest
 
 pytest.importorskip("qtpy")
 
-from test_session_export import N_PICKS, make_session, star_items  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory) -> Path:
-    return make_session(tmp_path_factory.mktemp("session"))
-
-
-@pytest.fixture
-def session(processed, tmp_path) -> Path:
-    from napari_warp.core.session import load_settings, save_settings
-
-    dst = tmp_path / "session"
-    shutil.copytree(processed, dst)
-    save_settings(dst, dataclasses.replace(load_settings(dst), input=str(dst)))
-    return dst
+from test_session_export import N_PICKS, star_items  # noqa: E402
 
 
 @pytest.fixture

@@ -536,6 +536,43 @@ def run_export(args) -> int:
     return 1 if any(r["state"].startswith("failed") for r in summary["items"]) else 0
 
 
+def run_import_picks(args) -> int:
+    """``napari-warp import-picks``: other tools' picks into a session's items (then, with ``--export``, the export
+    step as ``napari-warp export`` runs it)."""
+    from dataclasses import replace
+
+    from .core.errors import NapariWarpError
+    from .core.session import SessionSettings, import_session_picks, load_settings
+
+    out = args.out or args.folder
+    try:
+        if not Path(args.folder).is_dir():
+            raise NapariWarpError(f"{args.folder} is not a folder")
+        settings = replace(load_settings(out) or SessionSettings(), input=str(args.folder))
+        summary = import_session_picks(out, args.files, settings, pixel_size=args.pixel_size,
+                                       diameter=args.diameter, replace=not args.append)
+    except (OSError, ValueError, NapariWarpError) as exc:  # unreadable or missing files, nothing matching
+        print(f"napari-warp: {exc}", file=sys.stderr)
+        return 2
+    for file, how in summary.sampling.items():
+        print(f"{file}: coordinates read as {how}")
+    for row in summary.items:
+        warn = f"  ({row['outside']} outside the micrograph: check --pixel-size)" if row["outside"] else ""
+        print(f"{row['name']:<32} {row['picks']:>7} picks  from {', '.join(Path(f).name for f in row['files'])}{warn}")
+    for file, names in summary.unmatched.items():
+        print(f"{file}: {len(names)} micrograph(s) match no item: {', '.join(names)}")
+    if summary.untouched:
+        print(f"no picks in the files for {len(summary.untouched)} item(s) (left as they were): "
+              f"{', '.join(summary.untouched)}")
+    print(f"{summary.total} picks imported into {len(summary.items)} item(s)")
+    if not args.export:
+        return 0
+    export = argparse.Namespace(folder=args.folder, out=args.out, box=None, pixel_size=None, diameter=None,
+                                no_invert=False, no_normalize=False, halves=False, phase_flip=False, items="all",
+                                set=None, device=args.device)
+    return run_export(export)
+
+
 def run_boxnet_train(args) -> int:
     """Train a BoxNet from simulated micrographs and/or CryoPPP sets (the generic model), or retrain one."""
     import platform
@@ -672,6 +709,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="change a setting and keep it in the settings file, e.g. --set export.halves=true")
     export.add_argument("--device", help="torch device (default: CUDA when present)")
 
+    imp = sub.add_parser("import-picks", help="import particle picks of RELION, cryoSPARC, EMAN, crYOLO or Topaz into "
+                         "a session's items", description="Import other tools' particle picks into a session's items "
+                         "(picks/<name>.star), matched by micrograph name, so they are exported with the items' "
+                         "motion and local CTF (napari-warp export, or --export). Coordinates become pixels of each "
+                         "item's aligned average. BoxNet does not pick imported items again (session.pick on) until "
+                         "their picks file is deleted.")
+    imp.add_argument("folder", type=Path, help="the session's input folder")
+    imp.add_argument("files", type=Path, nargs="+", metavar="FILE",
+                     help="pick files: RELION .star (3.0, 3.1 with optics, 5 centred Å), cryoSPARC .cs, EMAN .box, "
+                     "crYOLO .cbox, Topaz text")
+    imp.add_argument("--out", type=Path, help="processing folder (default: the folder itself)")
+    imp.add_argument("--pixel-size", type=float, metavar="Å",
+                     help="pixel size in Å/px of the micrographs the pixel coordinates refer to, for files that "
+                     "do not state it (EMAN, crYOLO, Topaz, RELION 3.0; default: each item's). A RELION optics "
+                     "table's rlnMicrographPixelSize, cryoSPARC's fractional coordinates and RELION 5's Å are used "
+                     "as they are")
+    imp.add_argument("--diameter", type=float, metavar="Å", help="particle diameter in Å recorded with the picks "
+                     "(default: the earlier picks file's, else the session's picking.diameter)")
+    imp.add_argument("--append", action="store_true", help="add to the items' picks instead of replacing them")
+    imp.add_argument("--export", action="store_true", help="then export the particles as 'napari-warp export' does")
+    imp.add_argument("--device", help="torch device for --export (default: CUDA when present)")
+
     status = sub.add_parser("status", help="per item: status, error, metrics and step records")
     status.add_argument("folder", type=Path)
     status.add_argument("--out", type=Path, help="processing folder (default: the folder itself)")
@@ -707,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_status(args)
     if args.command == "export":
         return run_export(args)
+    if args.command == "import-picks":
+        return run_import_picks(args)
     if args.command == "motion":
         return run_motion(args)
     if args.command == "ctf":

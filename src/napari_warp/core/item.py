@@ -7,7 +7,8 @@ Layout (as Warp writes it, so Warp users find their files)::
     <folder>/average/odd/<name>.mrc      odd-frame half average   (even: average/even/)
     <folder>/motion/<name>.star          RELION 3.1 motion STAR (for Bayesian polishing)
     <folder>/powerspectrum/<name>.mrc    mean patch power spectrum of the CTF fit (rfft half, DC at [0, 0])
-    <folder>/picks/<name>.star           BoxNet picks (rlnCoordinateX/Y px of the average, figure of merit, model)
+    <folder>/picks/<name>.star           BoxNet or imported picks (rlnCoordinateX/Y px of the average, figure of
+                                         merit, model or source)
     <folder>/mask/<name>.tif             BoxNet artifact mask (uint8, 1 = artifact) at the average's sampling
     <folder>/particles/<name>.mrcs       exported particles (dose-weighted, from the movie; odd/, even/ halves)
     <folder>/particles/<name>.star       their RELION 3.1 particle STAR (optics, CTF per particle)
@@ -268,6 +269,8 @@ def run_picking_step(
     meta = load_metadata(paths, movie_path)
     meta.set_params("OptionsBoxNet", settings_params(settings))
     meta.set_attr("BoxNetModel", picks.model)
+    meta.set_attr("PickingSource", "boxnet")  # BoxNet's picks replace imported ones (see save_item_picks)
+    meta.set_attr("PickingImportedFrom", "")
     meta.set_attr("ParticleCount", len(picks))
     meta.set_attr("PickingProcessedAt", time.strftime("%Y-%m-%dT%H:%M:%S"))
     meta.write(paths.xml)
@@ -275,22 +278,50 @@ def run_picking_step(
             "picks_star": str(paths.picks), "mask": str(paths.mask), "xml": str(paths.xml), "picks": picks}
 
 
-def save_item_picks(folder: str | Path, movie_path: str | Path, yx, score=None) -> Path:
+def save_item_picks(folder: str | Path, movie_path: str | Path, yx, score=None, *, source: str | None = None,
+                    diameter: float | None = None) -> Path:
     """Replace the item's picks (e.g. edited by hand in napari) with ``yx`` ``(N, 2)`` px of the average: the picks
     STAR keeps the earlier file's model, diameter and threshold record, and the XML's ``ParticleCount`` follows (so
-    the particle-count filter sees the edit). The file's new content makes the item's export step outdated."""
+    the particle-count filter sees the edit). The file's new content makes the item's export step outdated.
+
+    source: for picks imported from another tool, where they come from (``"imported from <file> (<tool>)"``): it is
+    recorded in the picks STAR in place of the picking model, and the XML marks the item's picks as imported
+    (``PickingSource="imported"``, ``PickingImportedFrom``), so a session's BoxNet step keeps them rather than picking
+    the item again (until the picks file is deleted). diameter: the particle diameter (Å) to record (default: the
+    earlier file's)."""
     from .picking.io import read_picks_star, write_picks_star
 
     paths = item_paths(folder, movie_path)
     info = read_picks_star(paths.picks).info if paths.picks.exists() else {}
+    record = {"model": info.get("model"), "threshold": info.get("threshold")} if source is None else {"model": source}
     yx = np.asarray(yx, dtype=np.float64).reshape(-1, 2)
     write_picks_star(paths.picks, yx, score, micrograph_name=info.get("micrograph_name") or paths.average.name,
-                     model=info.get("model"), diameter=info.get("diameter"), threshold=info.get("threshold"))
-    if paths.xml.exists():
+                     diameter=info.get("diameter") if diameter is None else diameter, **record)
+    if paths.xml.exists() or source is not None:  # imported before processing: the XML carries the mark
         meta = load_metadata(paths, movie_path)
         meta.set_attr("ParticleCount", len(yx))
+        if source is not None:
+            _mark_imported(meta, source)
         meta.write(paths.xml)
     return paths.picks
+
+
+def _mark_imported(meta: WarpMetadata, source: str) -> None:
+    meta.set_attr("PickingSource", "imported")
+    meta.set_attr("PickingImportedFrom", source.removeprefix("imported from "))
+    meta.set_attr("BoxNetModel", "")  # no longer describes the picks
+    meta.set_attr("PickingProcessedAt", time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def picks_imported(folder: str | Path, movie_path: str | Path, meta: WarpMetadata | None = None) -> bool:
+    """Whether the item's picks were imported from another tool (``save_item_picks(source=...)``) and are still
+    there: a session's BoxNet step then counts as done for the item, whatever its settings."""
+    paths = item_paths(folder, movie_path)
+    if meta is None:
+        if not paths.xml.exists():
+            return False
+        meta = read_warp_xml(paths.xml, kinds=("Movie",))
+    return meta.get_attr("PickingSource") == "imported" and paths.picks.exists()
 
 
 def load_motion(meta: WarpMetadata, n_frames: int, shape, pixel_size: float):

@@ -22,6 +22,10 @@ its motion model and local CTF. Its key holds the motion and CTF keys, the expor
 picks file's *content*, so picks edited by hand (saved from napari) re-export that item only. The session-wide
 ``particles_all.star`` (every item with particles) and ``particles_good.star`` (those passing the filters and not
 excluded) are rewritten after each item and whenever the selection changes.
+
+Picks from other tools (RELION, cryoSPARC, EMAN, crYOLO, Topaz) are imported into the items by
+``import_session_picks``; the item XML marks them (``PickingSource="imported"``), and with ``pick`` on the BoxNet
+step counts as done for such an item until its picks file is deleted, so BoxNet never overwrites imported picks.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from .io.warp_xml import WarpMetadata, read_warp_xml
 from .item import (
     item_paths,
     load_metadata,
+    picks_imported,
     run_ctf_step,
     run_export_step,
     run_motion_step,
@@ -81,6 +86,8 @@ __all__ = [
     "export_session",
     "export_summary",
     "PARTICLE_LISTS",
+    "ImportSummary",
+    "import_session_picks",
     "Session",
 ]
 
@@ -616,6 +623,8 @@ def item_record(folder: str | os.PathLike, movie: str | os.PathLike, settings: S
         key_attr, at_attr = _STEP_ATTRS[step]
         key, at = _attr(meta, key_attr), _attr(meta, at_attr)
         ok = key is not None and key == want[step]
+        if step == "picking" and _attr(meta, "PickingSource") == "imported":  # kept until the picks are deleted
+            ok = picks_imported(folder, movie, meta)
         rec["steps"][step] = {"key": key, "completed": at, "up_to_date": ok}
         stale |= not ok
     failed = _attr(meta, "FailedReason")
@@ -1114,6 +1123,239 @@ def _export_row(rec: dict, now: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# picks from other tools
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImportSummary:
+    """What ``import_session_picks`` wrote.
+
+    items: per item that received picks, in session order: ``{"name", "picks"`` (the number imported), ``"files"``
+    (the pick files they came from), ``"outside"`` (imported picks outside the average: many mean a wrong pixel
+    size)``}``. unmatched: per file, its micrograph names that match no item. untouched: the items without picks in
+    the files (their picks are left as they were). sampling: per file, how its coordinates were converted.
+    """
+
+    items: list[dict]
+    unmatched: dict[str, list[str]]
+    untouched: list[str]
+    sampling: dict[str, str]
+
+    @property
+    def total(self) -> int:
+        return sum(r["picks"] for r in self.items)
+
+
+@dataclass(frozen=True, eq=False)
+class _PickFile:
+    """A pick file as read, and how its coordinates map onto an item's average: ``kind`` "pixels" (of a micrograph
+    at ``pixel_size`` Å/px; None: at the item's own), "centred" (Å from the micrograph centre, RELION 5) or
+    "fraction" (pixels of a ``frame`` ``(ny, nx)`` micrograph covering the average's field of view, cryoSPARC)."""
+
+    path: Path
+    tool: str
+    tables: dict
+    kind: str = "pixels"
+    pixel_size: float | None = None
+    frame: tuple[float, float] = (1.0, 1.0)
+    how: str = ""
+
+    def to_average(self, yx: np.ndarray, pixel_size: float, shape: tuple[int, int]) -> np.ndarray:
+        """``yx`` as read, in pixels of an average of ``pixel_size`` Å/px and ``shape`` ``(ny, nx)``."""
+        if self.kind == "centred":
+            return yx / pixel_size + np.asarray(shape, np.float64) / 2  # RELION's float centre, size / 2
+        if self.kind == "fraction":
+            return yx / np.asarray(self.frame, np.float64) * np.asarray(shape, np.float64)
+        return yx * ((self.pixel_size or pixel_size) / pixel_size)
+
+
+def import_session_picks(folder: str | os.PathLike, files: Iterable[str | os.PathLike], settings: SessionSettings,
+                         *, pixel_size: float | None = None, diameter: float | None = None, replace: bool = True,
+                         movies: Sequence[Path] | None = None) -> ImportSummary:
+    """Import other tools' particle picks (``picking.io.read_picks``: RELION, cryoSPARC, EMAN, crYOLO, Topaz) into
+    the session's items, so they are exported with the items' motion and local CTF.
+
+    Micrograph names are matched to the items by ``picking.io.match_picks_to_items``; items without picks in the
+    files are left alone. Coordinates become pixels of each item's aligned average, in the sampling the file states
+    where it states one: RELION 5 centred coordinates (Å) through the average's pixel size and size; cryoSPARC's as
+    fractions of the micrograph (so cryoSPARC may have worked on binned micrographs); RELION pixel coordinates at
+    the ``rlnMicrographPixelSize`` of its optics table. Other pixel coordinates (EMAN, crYOLO, Topaz, RELION 3.0)
+    are taken at ``pixel_size`` Å/px, by default the item's own. Picks of an item from several files are joined.
+
+    Each item's picks file is written by ``item.save_item_picks`` with the source recorded ("imported from <file>
+    (<tool>)") and the XML marked ``PickingSource="imported"``: with ``pick`` on, the BoxNet step counts as done
+    for it until its picks file is deleted. The new file content makes the item's export outdated, so the next
+    export re-exports these items only. replace: False adds the imported picks to the item's existing ones.
+    diameter: particle diameter (Å) recorded in the picks files (default: the earlier file's, else the session's
+    ``picking.diameter``).
+
+    Every file is read and matched before anything is written.
+
+    Raises
+    ------
+    FileNotFoundError
+    picking.io.PickImportError
+        A file that cannot be read, or none of whose micrographs matches an item (the message names the file, its
+        micrograph names and the items').
+    NapariWarpError
+        No items in the session, or an item without a pixel size.
+    """
+    from .picking.io import match_picks_to_items
+
+    folder = Path(folder)
+    movies = discover(settings, folder) if movies is None else [Path(m) for m in movies]
+    items = {item_paths(folder, m).name: Path(m) for m in movies}
+    if not items:
+        raise NapariWarpError(f"{settings.input}: no items (files matching {settings.pattern!r}) to import picks into")
+    sources = [_read_pick_file(Path(f), pixel_size) for f in files]
+    plan: dict[str, list] = {}
+    unmatched: dict[str, list[str]] = {}
+    for src in sources:
+        matched, rest = match_picks_to_items(src.tables, list(items), source=src.path)
+        if rest:
+            unmatched[str(src.path)] = rest
+        for name, table in matched.items():
+            plan.setdefault(name, []).append((src, table))
+    new = {name: _picks_on_average(folder, items[name], plan[name], settings) for name in items if name in plan}
+    rows = [_save_imported(folder, items[name], *new[name], settings=settings, diameter=diameter, replace=replace)
+            for name in new]
+    return ImportSummary(rows, unmatched, [n for n in items if n not in plan], {str(s.path): s.how for s in sources})
+
+
+def _read_pick_file(path: Path, pixel_size: float | None) -> _PickFile:
+    """Read one pick file and decide how its coordinates map onto the averages."""
+    from .picking.io import CENTERED_X, CENTERED_Y, COORD_X, COORD_Y, read_picks
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such pick file")
+    if path.suffix.lower() == ".cs":
+        return _read_cryosparc_file(path, pixel_size)
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace")
+    blocks = _star_blocks(path, head)
+    if blocks is None:
+        tool = {".box": "EMAN", ".cbox": "crYOLO"}.get(path.suffix.lower()) or (
+            "Topaz" if "image_name" in head else "EMAN")
+        return _pixel_file(path, tool, read_picks(path), pixel_size, None)
+    columns = [set(df.columns) for df in blocks.values()]
+    if any({"CoordinateX", "CoordinateY"} <= c for c in columns):
+        return _pixel_file(path, "crYOLO", read_picks(path), pixel_size, None)
+    if not any({COORD_X, COORD_Y} <= c for c in columns) and any({CENTERED_X, CENTERED_Y} <= c for c in columns):
+        tables = read_picks(path, micrograph_shape=(0, 0), pixel_size=1.0)  # Å from the centre, as they are
+        return _PickFile(path, "RELION 5", tables, "centred", how="Å from the micrograph centre (RELION 5)")
+    stated = _optics_pixel_size(path, blocks, pixel_size)
+    return _pixel_file(path, "RELION 3.1" if "optics" in blocks else "RELION", read_picks(path), pixel_size, stated)
+
+
+def _star_blocks(path: Path, head: str) -> dict | None:
+    """The blocks of a STAR file (None when it is not one: ``read_picks`` reads it as what it is)."""
+    from .errors import MetadataError
+    from .io.star import read_star
+
+    first = next((line.split()[0] for line in head.splitlines() if line.strip() and not line.startswith("#")), "")
+    if path.suffix.lower() not in (".star", ".cbox") and not first.startswith("data_"):
+        return None
+    try:
+        return read_star(path)
+    except MetadataError:
+        return None
+
+
+def _optics_pixel_size(path: Path, blocks: dict, given: float | None) -> float | None:
+    """``rlnMicrographPixelSize`` of a RELION 3.1+ optics table: the sampling of the coordinates (None if absent;
+    with several, the ``given`` one)."""
+    import pandas as pd
+
+    from .picking.io import PickImportError
+
+    optics = blocks.get("optics")
+    if optics is None or "rlnMicrographPixelSize" not in optics.columns:
+        return None
+    values = sorted(set(pd.to_numeric(optics["rlnMicrographPixelSize"], errors="coerce").dropna().round(6)))
+    if len(values) > 1 and given is None:
+        raise PickImportError(path, f"optics groups at different micrograph pixel sizes ({', '.join(map(str, values))}"
+                              " Å/px): give the pixel size of the coordinates, or import them one pixel size at a time")
+    return float(values[0]) if len(values) == 1 else None
+
+
+def _pixel_file(path: Path, tool: str, tables: dict, given: float | None, stated: float | None) -> _PickFile:
+    """Pixel coordinates at the pixel size the file states, else the ``given`` one, else the item's."""
+    ps = stated or given
+    if stated:
+        how = f"pixels of micrographs at {ps:g} Å/px (rlnMicrographPixelSize of its optics table)"
+    elif given:
+        how = f"pixels of micrographs at {ps:g} Å/px (given)"
+    else:
+        how = "pixels of micrographs at each item's pixel size"
+    return _PickFile(path, tool, tables, "pixels", ps, how=how)
+
+
+def _read_cryosparc_file(path: Path, pixel_size: float | None) -> _PickFile:
+    """cryoSPARC's positions are fractions of its micrographs: mapped onto the averages' size, whatever cryoSPARC's
+    sampling was (with micrographs of several sizes, its pixels at ``pixel_size``)."""
+    from .picking.io import PickImportError, read_picks
+
+    try:
+        shapes = np.load(path, allow_pickle=False)["location/micrograph_shape"]
+        shapes = np.unique(np.asarray(shapes, np.float64).reshape(-1, 2), axis=0)
+    except (ValueError, KeyError, IndexError, TypeError, OSError, EOFError):  # no sizes, or not a table at all
+        shapes = np.zeros((0, 2))
+    if not len(shapes):  # fractions as they are (read_picks says what is wrong with an unreadable file)
+        tables = read_picks(path, micrograph_shape=(1, 1))
+        return _PickFile(path, "cryoSPARC", tables, "fraction", how="fractions of the micrograph")
+    tables = read_picks(path)
+    if len(shapes) > 1:
+        if pixel_size is None:
+            raise PickImportError(path, f"micrographs of {len(shapes)} different sizes: give the pixel size of the "
+                                  "coordinates")
+        return _pixel_file(path, "cryoSPARC", tables, pixel_size, None)
+    (ny, nx), = shapes
+    return _PickFile(path, "cryoSPARC", tables, "fraction", frame=(ny, nx),
+                     how=f"fractions of cryoSPARC's {nx:g}×{ny:g} px micrographs")
+
+
+def _item_geometry(folder: Path, movie: Path, settings: SessionSettings) -> tuple[float, tuple[int, int]]:
+    """(pixel size Å/px, shape ``(ny, nx)``) of the item's aligned average: from its XML and file once processed,
+    else from the movie as the session reads it (picks imported before the movie is processed)."""
+    from .io.mrc import read_mrc_header
+
+    meta = _read_meta(folder, movie)
+    ps = meta.get_float("PixelSize", None) if meta is not None else None
+    average = item_paths(folder, movie).average
+    if ps and average.exists():
+        return float(ps), tuple(read_mrc_header(average).shape[1:])
+    mv = _open(movie, settings)
+    if mv.pixel_size is None:
+        raise NapariWarpError(f"{movie}: no pixel size in the header; set movie.pixel_size")
+    return float(mv.pixel_size), tuple(mv.shape[1:])
+
+
+def _picks_on_average(folder: Path, movie: Path, parts: list, settings: SessionSettings) -> tuple:
+    """(yx px of the average, scores, the files, how many fall outside it) of one item's imported picks."""
+    ps, shape = _item_geometry(folder, movie, settings)
+    yx = np.concatenate([src.to_average(table.yx, ps, shape) for src, table in parts]).reshape(-1, 2)
+    score = np.concatenate([table.score for _, table in parts])
+    outside = int(np.any((yx < -0.5) | (yx > np.asarray(shape) - 0.5), axis=1).sum())
+    return yx, score, [src for src, _ in parts], outside
+
+
+def _save_imported(folder: Path, movie: Path, yx, score, sources: list, outside: int, *, settings: SessionSettings,
+                   diameter: float | None, replace: bool) -> dict:
+    from .item import save_item_picks
+    from .picking.io import read_picks_star
+
+    paths = item_paths(folder, movie)
+    n = len(yx)
+    if paths.picks.exists() and not replace:
+        old = read_picks_star(paths.picks)
+        yx, score = np.concatenate([old.yx, yx]), np.concatenate([old.score, score])
+    if diameter is None and not paths.picks.exists():
+        diameter = settings.picking.diameter
+    source = "imported from " + "; ".join(f"{s.path.resolve()} ({s.tool})" for s in sources)
+    save_item_picks(folder, movie, yx, None if np.isnan(score).all() else score, source=source, diameter=diameter)
+    return {"name": paths.name, "picks": n, "files": [str(s.path) for s in sources], "outside": outside}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -1162,7 +1404,8 @@ class Session:
     def record(self, movie: Path) -> dict:
         """``item_record``, re-read only when the item's XML (or the movie file) changed."""
         paths = item_paths(self.folder, movie)
-        picks = _stat(paths.picks) if self.settings.extract else None  # hand-edited picks: export outdated
+        # hand-edited picks make the export outdated; deleted imported picks, the picking step
+        picks = _stat(paths.picks) if self.settings.extract or self.settings.pick else None
         stamp = (_stat(paths.xml), _file_stamp(movie), picks)
         hit = self._records.get(movie)
         if hit is not None and hit[0] == stamp:
