@@ -11,7 +11,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from napari_warp.cli import main
-from napari_warp.core.io.star import read_coordinates
+from napari_warp.core.io.star import read_coordinates, read_star
+from napari_warp.core.picking.io import read_picks_star
 
 
 def test_demo_headless(tmp_path, capsys):
@@ -53,6 +54,13 @@ def test_demo_headless(tmp_path, capsys):
     assert summary["ctf_local_defocus_rms_error_A"] < 0.02 * summary["true_defocus_A"]
     # BoxNet picked the showcase with the shipped model (its truth: the simulated particle centres)
     assert summary["boxnet_precision"] >= 0.7 and summary["boxnet_recall"] >= 0.7, summary
+    # particles out while collecting: one 128² stack at 2 Å/px per movie, one row per pick in the session's STAR
+    n_picks = [len(read_picks_star(session / f"picks/movie_{i:03d}.star").yx) for i in range(3)]
+    stacks = [mrcfile.read(session / f"particles/movie_{i:03d}.mrcs") for i in range(3)]
+    assert [s.shape for s in stacks] == [(n, 128, 128) for n in n_picks]
+    assert summary["particles_exported"] == sum(n_picks) > 0
+    rows = read_star(summary["particles_star"])["particles"]
+    assert len(rows) == sum(n_picks) and (rows["rlnDefocusU"] > 0).all()
     assert "results in" in capsys.readouterr().out
 
 

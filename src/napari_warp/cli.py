@@ -40,13 +40,14 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0, n_mov
     from ._layers import track_positions
     from .core.demo import demo_simulation, inspect_movie
     from .core.io.movie import open_movie, write_mrc
-    from .core.io.star import write_coordinates
+    from .core.io.star import read_star, write_coordinates
     from .core.io.warp_xml import read_warp_xml
     from .core.item import item_paths, load_ctf
     from .core.motion import motion_from_xml
+    from .core.particles import ExportSettings
     from .core.picking.io import read_picks_star
     from .core.picking.metrics import score_picks
-    from .core.session import MovieOptions, Session, SessionSettings, save_settings, session_records
+    from .core.session import PARTICLE_LISTS, MovieOptions, Session, SessionSettings, save_settings, session_records
     from .core.simulate import simulate_movie
 
     out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,9 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0, n_mov
     gain_path = out / "gain.mrc"
     settings = replace(SessionSettings(input=str(folder), pick=True),
                        movie=MovieOptions(exposure=base.dose_per_frame, gain=str(gain_path.resolve())))
-    settings = replace(settings, picking=replace(settings.picking, diameter=base.particle_diameter))
+    # particles out while "collecting" (the paper's Fig. 1 loop): 256 Å boxes at 2 Å/px from each movie
+    settings = replace(settings, picking=replace(settings.picking, diameter=base.particle_diameter), extract=True,
+                       export=ExportSettings(box_size=128, pixel_size=2.0, diameter=1.2 * base.particle_diameter))
     save_settings(folder, settings)
     session = Session(settings, folder, settle=0.5, poll=0.2)
     watcher = threading.Thread(target=session.run, kwargs={"once": False}, daemon=True)
@@ -119,6 +122,9 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0, n_mov
     pick_score = (score_picks(picks.yx, sim.truth.particles, radius, exclude_border=radius, shape=movie.shape[1:])
                   if picks is not None else None)
 
+    all_star = folder / PARTICLE_LISTS["all"]
+    n_particles = len(read_star(all_star)["particles"]) if all_star.exists() else 0
+
     items = []
     for rec, truth in zip(session_records(settings, folder, movies), truths):
         m = rec["metrics"]
@@ -148,6 +154,8 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0, n_mov
         "boxnet_picks": len(picks.yx) if picks is not None else None,
         "boxnet_precision": round(pick_score.precision, 3) if pick_score is not None else None,
         "boxnet_recall": round(pick_score.recall, 3) if pick_score is not None else None,
+        "particles_exported": n_particles,
+        "particles_star": str(folder / PARTICLE_LISTS["all"]) if n_particles else None,
         "aligned_average": str(paths.average),
         "item_xml": str(paths.xml),
         "simulation_s": round(t_sim, 2),
