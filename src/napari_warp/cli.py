@@ -32,6 +32,7 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0, n_mov
     average and Warp-style spectrum as ``average.mrc`` and ``spectrum.mrc``. Also ``gain.mrc`` and
     ``summary.json`` (fitted-vs-true errors, per-item results).
     """
+    import shutil
     import threading
     from dataclasses import replace
 
@@ -52,6 +53,8 @@ def run_demo(out: Path, size: int = 1024, frames: int = 16, seed: int = 0, n_mov
 
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "session"
+    if (folder / "napari-warp.settings.toml").is_file():  # a previous demo's session: its items would look done
+        shutil.rmtree(folder)
     folder.mkdir(exist_ok=True)
     t0 = time.perf_counter()
     base = demo_simulation(size=size, frames=frames, seed=seed)
