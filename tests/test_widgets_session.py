@@ -307,7 +307,8 @@ def test_session_dock_processes_in_worker(qtbot, viewer_model, tmp_path):
     qtbot.waitUntil(lambda: w.table.item(0, 1).text() == "processed", timeout=120000)
     # the GUI thread kept running its timers while the worker computed
     assert sum(ticks) >= 5 and w.ticks >= 2
-    assert w.progress.value == 1 and w.progress.max == 1
+    # the progress signal comes from the worker after the item's files (which the table reads) are written
+    qtbot.waitUntil(lambda: w.progress.value == 1 and w.progress.max == 1, timeout=30000)
     with qtbot.waitSignal(worker.finished, timeout=30000):
         w.stop()
     probe.stop()
