@@ -18,6 +18,7 @@ from napari_warp.core.ctf_fit import (
     fit_ctf,
     fit_resolution,
 )
+from napari_warp.core.errors import NapariWarpError
 from napari_warp.core.io.warp_xml import WarpMetadata
 from napari_warp.core.simulate import MovieSimulation, simulate_movie
 
@@ -264,3 +265,19 @@ def test_real_micrograph_quadrants_agree_with_the_local_model(data_dir):
             alone = fit_ctf(quad, CTFSettings(pixel_size=ps, voltage=movie.voltage or 300.0, grid=(1, 1)))
             centre = full.defocus_at([[qy * h + h / 2, qx * w + w / 2]])[0]
             assert alone.defocus == pytest.approx(centre, rel=0.02), (qy, qx)
+
+
+def test_non_finite_pixels_are_refused_early():
+    """NaN/inf pixels used to surface as ``RuntimeError: cannot reshape tensor of 0 elements`` deep in the fit; now
+    a ``NapariWarpError`` names them, before any spectrum is computed."""
+    image = np.random.default_rng(0).normal(10.0, 1.0, (128, 128)).astype(np.float32)
+    image[3, 4] = image[50, 60] = np.nan
+    image[100, 7] = np.inf
+    settings = CTFSettings(pixel_size=1.0)
+    calls = []
+    with pytest.raises(NapariWarpError, match=r"the image has 3 non-finite values \(NaN or inf\) of 16384 pixels"):
+        fit_ctf(image, settings, progress=lambda done, total: calls.append(done))
+    assert not calls
+    movie = np.stack([np.nan_to_num(image, nan=10.0, posinf=10.0), image])
+    with pytest.raises(NapariWarpError, match="frames 0–1 have 3 non-finite"):
+        fit_ctf(movie, settings)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from napari_warp.core.errors import Cancelled
-from napari_warp.core.fourier import fourier_shift
+from napari_warp.core.fourier import fftfreq_warp, fourier_shift
 from napari_warp.core.grid import CubicGrid
 from napari_warp.core.io.warp_xml import WarpMetadata
 from napari_warp.core.motion import (
@@ -236,6 +236,43 @@ def test_dose_filters_follow_warp_bfactors():
     np.testing.assert_allclose(wn[:, 0, 0], 1.0, rtol=1e-6)  # DC untouched
     ratio = wn[3] / wn[0]
     np.testing.assert_allclose(ratio, np.exp(-(doses[3] - doses[0]) * k2), rtol=1e-4)
+
+
+def _weighted_reference(frames: np.ndarray, model: MotionModel, doses: np.ndarray, ps: float) -> np.ndarray:
+    """The dose-weighted aligned average of a globally moving movie in float64: each frame moved back by its shift,
+    weighted by ``F / Σ_g exp(-(d_g - d_f) k²)`` (Warp's -4 Å² per e/Å² normalised per frequency, written stably)."""
+    shape = frames.shape[1:]
+    fy = fftfreq_warp(shape[0], dtype=torch.float64)[:, None]
+    fx = torch.fft.rfftfreq(shape[1], dtype=torch.float64)[None, :]
+    k2 = (fy**2 + fx**2) / ps**2
+    d = torch.as_tensor(doses, dtype=torch.float64)
+    w = len(d) / torch.exp(-(d[None, :, None, None] - d[:, None, None, None]) * k2).sum(1)  # (F, Y, X//2+1)
+    g = torch.as_tensor(model.global_shifts(), dtype=torch.float64)
+    ramp = torch.exp(2j * math.pi * (g[:, 0, None, None] * fy + g[:, 1, None, None] * fx))
+    spectra = torch.fft.rfft2(torch.as_tensor(frames, dtype=torch.float64))
+    return torch.fft.irfft2((spectra * ramp * w).sum(0), s=shape).numpy()
+
+
+def test_dose_weighted_average_at_high_exposure():
+    """Regression: at 0.5 Å/px and 60 e/Å² pre-exposure the per-frame filters underflowed in float32 while their
+    normaliser overflowed, and the average was all NaN. It is the float64 dose-weighted average, and, as the
+    normalised weights only depend on dose differences, the same as without pre-exposure."""
+    rng = np.random.default_rng(0)
+    shape, ps = (48, 64), 0.5
+    frames = rng.poisson(5.0, size=(6, *shape)).astype(np.float32)
+    model = MotionModel.from_nodes(np.stack([np.linspace(0, 3.3, 6), np.linspace(0, -2.1, 6)], -1), None, shape,
+                                   pixel_size=ps)
+    averages = {}
+    for pre in (0.0, 60.0, 400.0):
+        settings = MotionSettings(pixel_size=ps, exposure_per_frame=1.0, pre_exposure=pre)
+        averages[pre] = aligned_average(frames, model, settings, halves=False).average
+        assert np.isfinite(averages[pre]).all(), pre
+        weights = dose_filters(frame_doses(6, 1.0, pre), shape, ps).numpy()
+        assert np.isfinite(weights).all() and np.allclose(weights.sum(0), 6.0, rtol=1e-5), pre
+    expected = _weighted_reference(frames, model, frame_doses(6, 1.0, 60.0), ps)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(averages[60.0], expected, atol=1e-5 * scale)
+    np.testing.assert_allclose(averages[400.0], averages[0.0], atol=1e-5 * scale)
 
 
 def test_aligned_average_is_sharper_and_halves_add_up(global_movie, global_fit):

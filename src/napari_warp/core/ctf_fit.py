@@ -38,6 +38,7 @@ import torch
 
 from .ctf import CTFParams, ctf_2d, electron_wavelength
 from .device import get_device, to_numpy
+from .errors import NapariWarpError
 from .grid import CubicGrid
 from .motion import patch_layout
 
@@ -271,6 +272,18 @@ def effective_window(shape: Sequence[int], window: int) -> int:
     return int(min(window, min(shape)) // 2 * 2)
 
 
+def _check_finite(block: torch.Tensor, first: int, n_frames: int) -> None:
+    """Refuse NaN/inf pixels of frames ``first…`` before they reach the spectra (downstream they only fail
+    obscurely, e.g. as an empty background fit)."""
+    bad = int(block.numel() - torch.isfinite(block).sum())
+    if bad:
+        last = first + len(block) - 1
+        where = ("the image has" if n_frames == 1 else f"frame {first} has" if last == first
+                 else f"frames {first}–{last} have")
+        raise NapariWarpError(f"{where} {bad} non-finite values (NaN or inf) of {block.numel()} pixels: "
+                              "cannot fit the CTF")
+
+
 def patch_spectra(
     frames, window: int, groups: int = 1, device=None, progress: Progress | None = None
 ) -> tuple[torch.Tensor, np.ndarray]:
@@ -297,6 +310,7 @@ def patch_spectra(
     for f0 in range(0, n, chunk):
         f1 = min(n, f0 + chunk)
         block = torch.as_tensor(np.asarray(frames[f0:f1], dtype=np.float32), device=dev)
+        _check_finite(block, f0, n)
         block = block[:, oy:, ox:]
         tiles = block.unfold(1, window, step_y).unfold(2, window, step_x)[:, :py, :px]  # (c, py, px, W, W) view
         for r0 in range(0, py, rows_per_batch):
@@ -651,7 +665,8 @@ def fit_ctf(frames, settings: CTFSettings, *, device=None, progress: Progress | 
 
     The spectra are the sum of per-frame spectra (pass the aligned average as one frame to fit from it).
     ``progress(done, total)`` is called as spectra are computed and after each fitting stage; raising
-    ``core.errors.Cancelled`` from it stops the fit. Returns a ``CTFFit``.
+    ``core.errors.Cancelled`` from it stops the fit. Returns a ``CTFFit``. Raises ``NapariWarpError`` for NaN or
+    infinite pixels.
     """
     s = settings
     dev = get_device(device)

@@ -990,6 +990,13 @@ def _dose_factors(doses: torch.Tensor, shape, pixel_size: float, bfactor_per_e: 
     return torch.exp(b * fy**2), torch.exp(b * fx**2)
 
 
+def _relative(doses: torch.Tensor) -> torch.Tensor:
+    """Doses counted from the least-exposed frame: the normalised weights are unchanged, but that frame's filter is
+    1, so the sum over frames stays >= 1. From absolute doses, at high exposure (> ~170·px² e/Å²) the filters
+    underflowed in float32 while their normaliser overflowed, and 0 · inf made the average NaN."""
+    return doses - doses.min() if len(doses) else doses
+
+
 def dose_filters(doses, shape, pixel_size: float, bfactor_per_e: float = -4.0, normalise: bool = True,
                  device=None) -> torch.Tensor:
     """Dose-weighting filters ``(F, Y, X//2+1)`` (rfft layout) for frames with accumulated ``doses`` ``(F,)`` e/Å².
@@ -999,7 +1006,7 @@ def dose_filters(doses, shape, pixel_size: float, bfactor_per_e: float = -4.0, n
     scale (its DC is the plain sum's DC exactly).
     """
     d = torch.as_tensor(np.asarray(doses, dtype=np.float64), device=get_device(device))
-    ay, ax = _dose_factors(d, shape, pixel_size, bfactor_per_e)
+    ay, ax = _dose_factors(_relative(d) if normalise else d, shape, pixel_size, bfactor_per_e)
     w = ay[:, :, None] * ax[:, None, :]
     if normalise:
         w = w * (w.shape[0] / w.sum(0, keepdim=True))
@@ -1101,7 +1108,7 @@ def _average(chunks, shape3, model: MotionModel, s: MotionSettings, dev, progres
         raise ValueError("no frames left after skipping")
     glob = torch.as_tensor(model.global_shifts(used), dtype=torch.float64, device=dev)  # (F, 2)
     doses = torch.as_tensor(frame_doses(n_total, s.exposure_per_frame, s.pre_exposure)[used], device=dev)
-    ay, ax = _dose_factors(doses, shape, s.pixel_size, s.dose_bfactor if s.dose_weighting else 0.0)
+    ay, ax = _dose_factors(_relative(doses), shape, s.pixel_size, s.dose_bfactor if s.dose_weighting else 0.0)
     fy = fftfreq_warp(y, device=dev, dtype=torch.float64)
     fx = torch.arange(x // 2 + 1, device=dev, dtype=torch.float64) / x
     ry = torch.polar(torch.ones_like(ay), 2 * math.pi * glob[:, :1] * fy)  # moves frames back by their shift
