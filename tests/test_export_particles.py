@@ -20,7 +20,7 @@ from napari_warp.core.ctf_fit import CTFFit, CTFSettings
 from napari_warp.core.fourier import fourier_crop, fourier_shift
 from napari_warp.core.io.mrc_write import write_mrc
 from napari_warp.core.io.star import read_star, write_star
-from napari_warp.core.motion import MotionModel, MotionSettings, aligned_average
+from napari_warp.core.motion import MotionModel, MotionSettings, aligned_average, dose_filters, frame_doses
 from napari_warp.core.particles import (
     ExportSettings,
     extract_particles,
@@ -151,6 +151,26 @@ def test_dose_weighted_extraction_matches_the_aligned_average(rigid_movie):
         assert np.abs(plain.images[k] - expected).max() > 0.1 * expected.std()  # the weighting does something
 
 
+def test_dose_weights_are_the_average_s_at_any_exposure(rigid_movie):
+    """The separable dose factors of the extraction give ``motion.dose_filters``' normalised weights, and stay finite
+    at high exposure (0.5 Å/px, 400 e/Å² before the first frame: the absolute filters underflow even in float64),
+    where the particles are those without pre-exposure (normalised weights depend on dose differences only)."""
+    for pre in (0.0, 60.0, 400.0):
+        ms = MotionSettings(pixel_size=0.5, exposure_per_frame=2.0, pre_exposure=pre)
+        ay, ax = particles_mod._dose_weights(np.arange(1, 8), 8, 48, 0.5, ms, True, "cpu")
+        w = ay[:, :, None] * ax[:, None, :]
+        w = (w * (7 / w.sum(0))).float().numpy()
+        np.testing.assert_allclose(w, dose_filters(frame_doses(8, 2.0, pre)[1:], (48, 48), 0.5), rtol=1e-5, atol=1e-6)
+    image, frames, model, _ = rigid_movie
+    yx = np.array([[70.0, 80.0], [120.4, 110.7]])
+    settings = [MotionSettings(pixel_size=0.5, exposure_per_frame=2.0, pre_exposure=pre) for pre in (0.0, 400.0)]
+    stacks = [extract_particles(frames, yx, model, None, ExportSettings(box_size=48, halves=True), motion_settings=ms)
+              for ms in settings]
+    assert np.isfinite(stacks[1].images).all() and np.isfinite(stacks[1].odd).all()
+    np.testing.assert_allclose(stacks[1].images, stacks[0].images, atol=1e-4)
+    np.testing.assert_allclose(stacks[1].odd, stacks[0].odd, atol=1e-4)
+
+
 def test_rescaled_extraction_matches_the_fourier_cropped_image(rigid_movie):
     """Output at twice the pixel size: the box is the Fourier-cropped image around the particle (at p / 2)."""
     image, frames, model, ms = rigid_movie
@@ -242,12 +262,16 @@ def test_normalisation_without_ramp_and_without_normalising(rigid_movie):
 
 
 def test_batches_and_passes_do_not_change_the_result(rigid_movie, monkeypatch):
-    """Particles are processed in batches and, when their sums would not fit, in passes over the frames."""
+    """Particles are processed in batches (and FFT calls, factor groups and final chunks within them) and, when their
+    sums would not fit, in passes over the frames."""
     image, frames, model, ms = rigid_movie
     yx = np.random.default_rng(0).uniform(20, 170, (9, 2))
     s = ExportSettings(box_size=32, halves=True)
     whole = extract_particles(frames, yx, model, None, s, motion_settings=ms)
     monkeypatch.setattr(particles_mod, "_BOX_ELEMENTS", 3 * 48 * 48)
+    monkeypatch.setattr(particles_mod, "_FFT_BYTES", 48 * 25 * 8)  # one box per FFT call, 3 per batch
+    monkeypatch.setattr(particles_mod, "_FINISH_BYTES", 3 * 2 * 48 * 48 * 4)  # 3 particles' halves
+    monkeypatch.setattr(particles_mod, "_FACTOR_BYTES", 3 * 4 * (48 + 25) * 8)  # 3 frames of 4 particles
     monkeypatch.setattr(particles_mod, "_ACCUMULATOR_BYTES", 4 * 2 * 48 * 25 * 8)  # 4 particles of 48² (padded)
     calls = []
     split = extract_particles(frames, yx, model, None, s, motion_settings=ms,

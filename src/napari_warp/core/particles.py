@@ -36,6 +36,7 @@ angles in (−90°, 90°], defocus in Å, phase shift in degrees.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -48,10 +49,18 @@ import torch
 
 from .ctf import CTFParams, ctf_2d
 from .device import get_device
-from .fourier import fourier_resize_rfft, fourier_shift_rfft
+from .fourier import fftfreq_warp, fourier_resize_rfft
 from .io.mrc_write import write_mrc
 from .io.star import write_star
-from .motion import MotionSettings, _chunk_size, _frame_chunks, _frames_shape, dose_filters, frame_doses
+from .motion import (
+    MotionSettings,
+    _chunk_size,
+    _dose_factors,
+    _frame_chunks,
+    _frames_shape,
+    _relative,
+    frame_doses,
+)
 
 __all__ = [
     "ExportSettings",
@@ -65,8 +74,14 @@ __all__ = [
 ]
 
 Progress = Callable[[int, int], None]
-_BOX_ELEMENTS = 1 << 24  # input-box pixels per particle batch (~64 MB float32 per temporary)
+_BOX_ELEMENTS = 1 << 24  # input-box pixels per particle batch (one reused 64 MB float32 buffer)
 _ACCUMULATOR_BYTES = 1 << 30  # frame sums kept on the device per pass; more particles -> more passes over frames
+# Temporaries per call: FFT outputs (and the final inverse FFTs) stay below glibc's largest mmap threshold (32 MB), so
+# their memory is reused rather than mapped afresh each call: the page faults of a fresh 64 MB output cost as much as
+# the FFT itself.
+_FFT_BYTES = 30 << 20
+_FINISH_BYTES = 24 << 20
+_FACTOR_BYTES = 64 << 20  # per-frame shift and dose factors computed at once
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,14 +273,16 @@ def _particle_positions(motion, yx: np.ndarray, used: np.ndarray) -> np.ndarray:
 
 
 def _dose_weights(used: np.ndarray, n_frames: int, box_in: int, pixel_size: float, ms: MotionSettings | None,
-                  on: bool, device) -> torch.Tensor | None:
-    """Per-frame dose filters ``(F, Bi, Bi//2+1)`` of the used frames (normalised over them as the average's)."""
+                  on: bool, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The used frames' dose filters in separable form, ``(ay (F, Bi), ax (F, Bi//2+1))`` float64: frame f's filter
+    is ``ay[f] ⊗ ax[f]`` normalised over the frames (``motion.dose_filters``). Doses count from the least-exposed
+    frame, as there and in the average: the normalised weights are the same, and their sum cannot underflow."""
     if not on:
         return None
     if ms is None:
         raise ValueError("dose weighting needs motion_settings (exposure_per_frame, pre_exposure, dose_bfactor)")
-    doses = frame_doses(n_frames, ms.exposure_per_frame, ms.pre_exposure)[used]
-    return dose_filters(doses, (box_in, box_in), pixel_size, ms.dose_bfactor, normalise=True, device=device)
+    doses = torch.as_tensor(frame_doses(n_frames, ms.exposure_per_frame, ms.pre_exposure)[used], device=device)
+    return _dose_factors(_relative(doses), (box_in, box_in), pixel_size, ms.dose_bfactor)
 
 
 def _input_pixel_size(motion, ms: MotionSettings | None, pixel_size: float | None) -> float:
@@ -278,80 +295,227 @@ def _input_pixel_size(motion, ms: MotionSettings | None, pixel_size: float | Non
 # ---------------------------------------------------------------------------------------------------------------
 # extraction
 # ---------------------------------------------------------------------------------------------------------------
-def _gather_boxes(frame: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Band:
+    """The samples of the input box's rfft that reach the output box (``fourier_resize_rfft``'s crop before its
+    Nyquist sums): full-axis ``rows`` ``(R,)`` and the first ``cols`` columns, at frequencies ``fy``, ``fx`` (cycles/px,
+    Warp's +0.5 Nyquist). A crop to ``m = 2h`` keeps the rows of frequencies ``0..h`` and ``-h..-1`` (two slices; the
+    output's rows plus its −h row: the Nyquist sums and any padding are linear, so they are done once on the sums)."""
+
+    rows: torch.Tensor
+    cols: int
+    fy: torch.Tensor
+    fx: torch.Tensor
+    half: int | None  # h of a crop; None: all rows and columns
+
+
+def _band_shape(geo: _Geometry) -> tuple[int, int]:
+    """``(R, C)`` of the band: the sums' shape per particle."""
+    bi, bp = geo.box_in, geo.box_pad
+    return (bp + 1, bp // 2 + 1) if bp < bi else (bi, bi // 2 + 1)
+
+
+def _band(geo: _Geometry, device) -> _Band:
+    bi, bp = geo.box_in, geo.box_pad
+    h = bp // 2 if bp < bi else None
+    rows = torch.arange(bi) if h is None else torch.cat([torch.arange(h + 1), torch.arange(bi - h, bi)])
+    cols = _band_shape(geo)[1]
+    fy = fftfreq_warp(bi, dtype=torch.float64)[rows]
+    fx = torch.arange(cols, dtype=torch.float64) / bi
+    return _Band(rows.to(device), cols, fy.to(device), fx.to(device), h)
+
+
+def _band_blocks(band: _Band, size: int) -> list[tuple[slice, slice]]:
+    """``(band rows, spectrum rows)`` of the contiguous row blocks of the band in an rfft of ``size`` rows (used in
+    place: copying them out costs more than the arithmetic)."""
+    if band.half is None:
+        return [(slice(None), slice(None))]
+    h = band.half
+    return [(slice(0, h + 1), slice(0, h + 1)), (slice(h + 1, 2 * h + 1), slice(size - h, size))]
+
+
+def _to_output(acc: torch.Tensor, band: _Band, geo: _Geometry) -> torch.Tensor:
+    """Sums on the band ``(H, N, R, C)`` -> the output box's rfft ``(H, N, Bp, Bp//2+1)``: a crop's Nyquist sums
+    (as ``fourier_resize_rfft``: the −h column the rfft drops is the conjugate of the +h column at the negated
+    rows; then the ±h rows add up), or the padding of an input box smaller than the output's."""
+    bi, m = geo.box_in, geo.box_pad
+    h = band.half
+    if h is None:
+        return fourier_resize_rfft(acc, (bi, bi), (m, m))
+    negated = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(2 * h, 0, -1)]).to(acc.device)  # row of −k
+    col = acc[..., h]
+    acc[..., h] = col + col[..., negated].conj()
+    acc[..., h, :] += acc[..., h + 1, :]
+    return torch.cat([acc[..., : h + 1, :], acc[..., h + 2 :, :]], -2)
+
+
+def _gather_clamped(frame: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
     """Boxes ``(n, size, size)`` of ``frame`` ``(Y, X)`` with top-left ``corners`` ``(n, 2)`` (long); pixels
-    outside the frame take its mean (one advanced-indexing gather, no loop over particles)."""
+    outside the frame take its mean."""
     ar = torch.arange(size, device=frame.device)
     iy, ix = corners[:, 0, None] + ar, corners[:, 1, None] + ar  # (n, size)
     ny, nx = frame.shape
     boxes = frame[iy.clamp(0, ny - 1)[:, :, None], ix.clamp(0, nx - 1)[:, None, :]]
     valid = ((iy >= 0) & (iy < ny))[:, :, None] & ((ix >= 0) & (ix < nx))[:, None, :]
-    if bool(valid.all()):
-        return boxes
     return torch.where(valid, boxes, frame.mean())
 
 
+def _gather_boxes(frame: torch.Tensor, corners: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The boxes of ``frame`` ``(Y, X)`` with top-left ``corners`` ``(n, 2)`` (long) into ``out`` ``(n, S, S)``: two
+    indices into the view of all boxes (``unfold``), so no box-sized index tensors and no fresh memory (``index``
+    with ``out``; ``index_select`` on such a view takes a slow strided copy); boxes reaching outside the frame are
+    redone with the frame's mean there."""
+    ny, nx = frame.shape
+    size = out.shape[-1]
+    if ny < size or nx < size:
+        return out.copy_(_gather_clamped(frame, corners, size))
+    cy, cx = corners[:, 0].clamp(0, ny - size), corners[:, 1].clamp(0, nx - size)
+    torch.ops.aten.index.Tensor_out(frame.unfold(0, size, 1).unfold(1, size, 1), [cy, cx], out=out)
+    outside = (cy != corners[:, 0]) | (cx != corners[:, 1])
+    if bool(outside.any()):
+        out[outside] = _gather_clamped(frame, corners[outside], size)
+    return out
+
+
 def _edge_taper(size: int, width: int, device) -> torch.Tensor:
-    """``(size, size)`` weights: 1 inside, a raised cosine to 0 over the outer ``width`` pixels of each side."""
+    """``(size, size)`` ``1 - w``, ``w`` the taper: 1 inside, a raised cosine to 0 over the outer ``width`` pixels of
+    each side."""
     i = torch.arange(size, device=device, dtype=torch.float64)
     d = (torch.minimum(i, size - 1 - i) + 0.5) / width  # distance from the edge, in taper widths
-    w = (0.5 - 0.5 * torch.cos(math.pi * d.clamp(max=1.0))).to(torch.float32)
-    return w[:, None] * w[None, :]
+    w = 0.5 - 0.5 * torch.cos(math.pi * d.clamp(max=1.0))
+    return (1 - w[:, None] * w[None, :]).to(torch.float32)
 
 
-def _tapered(boxes: torch.Tensor, taper: torch.Tensor) -> torch.Tensor:
-    """Boxes ``(n, S, S)`` blended into their own mean at the edges (no discontinuity for the FFT to ring on)."""
-    mean = boxes.mean(dim=(-2, -1), keepdim=True)
-    return mean + (boxes - mean) * taper
+def _taper_(boxes: torch.Tensor, taper: torch.Tensor) -> torch.Tensor:
+    """Blend the edges of ``boxes`` ``(n, S, S)`` into each box's mean, in place (no discontinuity for the FFT to
+    ring on): ``w · box + (1 - w) · mean``, one pass (``lerp_`` toward the mean by ``taper = 1 - w``)."""
+    return boxes.lerp_(boxes.mean(dim=(-2, -1), keepdim=True), taper)
 
 
-def _accumulate(frames, positions: np.ndarray, used: np.ndarray, geo: _Geometry, weights: torch.Tensor | None,
-                n_halves: int, device, tick: Callable[[], None]) -> torch.Tensor:
+def _frame_factors(band: _Band, residual: torch.Tensor, dose) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-axis factors ``(G, N, R)``, ``(G, N, C)`` complex64 of ``G`` frames whose outer products are each particle's
+    phase ramp (moving it by ``residual`` ``(G, N, 2)`` px, float32, ``fourier_shift``'s sign) times the frame's
+    separable dose filter ``dose = (ay (G, R), ax (G, C))`` (None: no weighting). For a group of frames at once:
+    small operations cost their threads' start-up (much more so on a busy machine) more than their work."""
+    out = []
+    for a, f in enumerate((band.fy, band.fx)):
+        phase = residual[..., a, None] * (-2 * math.pi * f).to(torch.float32)
+        amplitude = torch.ones(1, 1, 1, device=f.device) if dose is None else dose[a][:, None, :].to(torch.float32)
+        out.append(torch.polar(amplitude.expand_as(phase), phase))
+    return out[0], out[1]
+
+
+def _add_spectra(acc: torch.Tensor, boxes: torch.Tensor, band: _Band, fy: torch.Tensor, fx: torch.Tensor) -> None:
+    """``acc += band(rfft2(boxes)) · (fy ⊗ fx)`` for ``boxes`` ``(n, S, S)``, factors ``(n, R)``, ``(n, C)``."""
+    spec = torch.fft.rfft2(boxes)
+    for rows, at in _band_blocks(band, spec.shape[1]):
+        acc[:, rows].addcmul_(spec[:, at, : band.cols].mul_(fx[:, None, :]), fy[:, rows, None])
+
+
+def _batches(n: int, box_in: int) -> tuple[int, int]:
+    """Particles per gather batch and per FFT call (a batch is whole FFT calls)."""
+    batch = max(1, _BOX_ELEMENTS // (box_in * box_in))
+    per_fft = min(batch, max(1, _FFT_BYTES // (box_in * (box_in // 2 + 1) * 8)))
+    return max(1, min(n, batch - batch % per_fft)), per_fft
+
+
+def _add_frame(acc: torch.Tensor, frame: torch.Tensor, corners: torch.Tensor, factors, band: _Band,
+               taper: torch.Tensor, buffer: torch.Tensor, per_fft: int) -> None:
+    """Add one frame's boxes of all particles (top-left ``corners`` ``(N, 2)``) to ``acc`` ``(N, R, C)``, with the
+    frame's per-axis factors ``(fy (N, R), fx (N, C))``; ``buffer`` ``(batch, S, S)`` holds the boxes."""
+    n, batch = len(corners), len(buffer)
+    for b in range(0, n, batch):
+        stop = min(n, b + batch)
+        boxes = _taper_(_gather_boxes(frame, corners[b:stop], buffer[: stop - b]), taper)
+        for c in range(b, stop, per_fft):
+            part = slice(c, min(stop, c + per_fft))
+            _add_spectra(acc[part], boxes[c - b : part.stop - b], band, factors[0][part], factors[1][part])
+
+
+def _accumulate(frames, positions: np.ndarray, used: np.ndarray, geo: _Geometry, dose, n_halves: int, device,
+                tick: Callable[[], None]) -> torch.Tensor:
     """Dose-weighted sums over the used frames of every particle's re-centred box, at the output sampling:
-    complex ``(H, N, Bp, Bp//2+1)`` (H = 2: even, odd frames; else 1)."""
+    complex ``(H, N, Bp, Bp//2+1)`` (H = 2: even, odd frames; else 1).
+
+    Only the band of the input box's spectrum that reaches the output is kept after the FFT: the shift and the dose
+    filter are diagonal in Fourier space, so they commute with the crop, and both are separable (per-axis factors),
+    except for the dose normalisation, which is the same for every frame and applied once to the sums."""
     n = positions.shape[1]
-    bi, bp = geo.box_in, geo.box_pad
-    acc = torch.zeros(n_halves, n, bp, bp // 2 + 1, dtype=torch.complex64, device=device)
+    bi = geo.box_in
+    band = _band(geo, device)
+    acc = torch.zeros(n_halves, n, len(band.rows), band.cols, dtype=torch.complex64, device=device)
     pos = torch.as_tensor(positions, dtype=torch.float64, device=device)
     nearest = torch.round(pos)
     corners = (nearest - bi // 2).long()  # the nearest pixel lands on box pixel Bi // 2
     residual = (nearest - pos).to(torch.float32)  # moves the particle from there onto the exact centre
     parity = (used - used[0]) % 2  # as the average's halves: the first used frame is even
     row = {int(f): i for i, f in enumerate(used)}
-    batch = max(1, _BOX_ELEMENTS // (bi * bi))
+    batch, per_fft = _batches(n, bi)
     taper = _edge_taper(bi, geo.taper, device)
-    shape = _frames_shape(frames)[1:]
-    for idx, chunk in _frame_chunks(frames, list(used), _chunk_size(shape), device):
+    buffer = torch.empty(batch, bi, bi, device=device)  # reused: fresh memory costs page faults
+    if dose is not None:
+        dose = (dose[0][:, band.rows], dose[1][:, : band.cols])
+    group = max(1, _FACTOR_BYTES // (n * (len(band.rows) + band.cols) * 8 + 1))  # frames per _frame_factors call
+    for idx, chunk in _frame_chunks(frames, list(used), _chunk_size(_frames_shape(frames)[1:]), device):
         for j, f in enumerate(idx):
             i = row[int(f)]
+            if i % group == 0:  # frames come in order
+                g = slice(i, i + group)
+                factors = _frame_factors(band, residual[g], None if dose is None else (dose[0][g], dose[1][g]))
             half = int(parity[i]) if n_halves == 2 else 0
-            for b in range(0, n, batch):
-                sl = slice(b, min(n, b + batch))
-                spec = torch.fft.rfft2(_tapered(_gather_boxes(chunk[j], corners[i, sl], bi), taper))
-                spec = fourier_shift_rfft(spec, residual[i, sl], (bi, bi))
-                if weights is not None:
-                    spec = spec * weights[i]
-                acc[half, sl] += fourier_resize_rfft(spec, (bi, bi), (bp, bp))
+            _add_frame(acc[half], chunk[j], corners[i], (factors[0][i % group], factors[1][i % group]), band, taper,
+                       buffer, per_fft)
             tick()
-    return acc
+    if dose is not None:
+        acc *= (len(used) / (dose[0].T @ dose[1])).to(torch.float32)  # the weights at each frequency sum to F
+    return _to_output(acc, band, geo)
 
 
-def _background_mask(box: int, radius: float, device) -> torch.Tensor:
-    """``(B, B)`` bool: pixels farther than ``radius`` px from the centre pixel ``B // 2`` (RELION's background)."""
+@dataclass(frozen=True)
+class _Background:
+    """RELION's background of a ``B`` px box (pixels farther than the radius from pixel ``B // 2``) and the
+    least-squares plane ``a + b y + c x`` over it: ``mask`` ``(B, B)``, ``basis`` ``(n_bg, 3)``, ``pinv`` ``(3, n_bg)``
+    float64 (``y``, ``x`` px from pixel ``B // 2``)."""
+
+    mask: torch.Tensor
+    basis: torch.Tensor
+    pinv: torch.Tensor
+
+
+@functools.lru_cache(maxsize=8)
+def _background(box: int, radius: float, device: torch.device) -> _Background:
     r = torch.arange(box, device=device, dtype=torch.float64) - box // 2
-    return (r[:, None] ** 2 + r[None, :] ** 2) > radius**2
+    mask = (r[:, None] ** 2 + r[None, :] ** 2) > radius**2
+    if int(mask.sum()) < 8:
+        raise ValueError(f"no background outside a {2 * radius:.1f} px circle in a {box} px box: "
+                         "make the box larger or the diameter smaller")
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    basis = torch.stack([torch.ones_like(yy), yy, xx], -1)[mask]  # (n_bg, 3)
+    return _Background(mask, basis, torch.linalg.pinv(basis))
 
 
-def _plane(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Least-squares planes ``a + b y + c x`` through the background pixels of ``images`` ``(..., B, B)``,
-    evaluated over the whole box (linear in the images, so the halves' planes add up to the full one's)."""
+def _background_fit(images: torch.Tensor, bg: _Background, ramp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image of ``images`` ``(..., B, B)``: the background's plane (``ramp``) plus mean, ``(..., 3)`` float64
+    coefficients of ``1, y, x``, and the population std of the background about it (linear in the images: the
+    halves' fits add up to the full one's)."""
+    values = images[..., bg.mask].to(torch.float64).reshape(-1, len(bg.basis))  # (M, n_bg)
+    coef = values @ bg.pinv.T if ramp else values.new_zeros(len(values), 3)
+    residual = torch.addmm(values, coef, bg.basis.T, alpha=-1) if ramp else values
+    std, mean = torch.std_mean(residual, -1, correction=0)
+    coef[:, 0] += mean
+    return coef.reshape(*images.shape[:-2], 3), std.reshape(images.shape[:-2])
+
+
+def _minus_plane(images: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(images - (a + b y + c x)) · scale``, ``images`` ``(..., B, B)``, ``coef`` ``(..., 3)``, ``scale`` ``(...)``:
+    the plane is the rank-2 product ``[a + b y, 1] @ [1, c x]``, so one ``baddbmm`` and one in-place multiply."""
     box = images.shape[-1]
     r = torch.arange(box, device=images.device, dtype=torch.float64) - box // 2
-    yy, xx = torch.meshgrid(r, r, indexing="ij")
-    basis = torch.stack([torch.ones_like(yy), yy, xx], -1)  # (B, B, 3)
-    pinv = torch.linalg.pinv(basis[mask])  # (3, n_bg)
-    coef = images[..., mask].to(torch.float64) @ pinv.T  # (..., 3)
-    return (coef @ basis.reshape(-1, 3).T).reshape(*images.shape).to(images.dtype)
+    c = coef.reshape(-1, 3)
+    rows = torch.stack([c[:, :1] + c[:, 1:2] * r, torch.ones_like(c[:, :1] * r)], -1)  # (M, B, 2)
+    cols = torch.stack([torch.ones_like(c[:, 2:] * r), c[:, 2:] * r], -2)  # (M, 2, B)
+    out = torch.baddbmm(images.reshape(-1, box, box), rows.to(images.dtype), cols.to(images.dtype), alpha=-1)
+    return out.mul_(scale.reshape(-1, 1, 1).to(images.dtype)).reshape(images.shape)
 
 
 def normalise_particles(images: torch.Tensor, radius: float, *, invert: bool = True, ramp: bool = True,
@@ -362,37 +526,36 @@ def normalise_particles(images: torch.Tensor, radius: float, *, invert: bool = T
     halves: ``(2, N, B, B)`` summing to ``images``; they get their own background plane and mean but the full
     images' scale, so the results still sum to the normalised images. Returns ``(images, halves or None)``.
     """
-    mask = _background_mask(images.shape[-1], radius, images.device)
-    if int(mask.sum()) < 8:
-        raise ValueError(f"no background outside a {2 * radius:.1f} px circle in a {images.shape[-1]} px box: "
-                         "make the box larger or the diameter smaller")
-    if ramp:
-        images = images - _plane(images, mask)
-        halves = None if halves is None else halves - _plane(halves, mask)
-    bg = images[:, mask]
-    mean, std = bg.mean(-1), bg.std(-1, unbiased=False).clamp_min(1e-12)
-    scale = (-1.0 if invert else 1.0) / std[:, None, None]
-    images = (images - mean[:, None, None]) * scale
+    bg = _background(images.shape[-1], float(radius), images.device)
+    coef, std = _background_fit(images, bg, ramp)
+    scale = (-1.0 if invert else 1.0) / std.clamp_min(1e-12)
     if halves is not None:
-        halves = (halves - halves[..., mask].mean(-1)[..., None, None]) * scale
-    return images, halves
+        halves = _minus_plane(halves, _background_fit(halves, bg, ramp)[0], scale.expand(halves.shape[:-2]))
+    return _minus_plane(images, coef, scale), halves
 
 
 def _finish(acc: torch.Tensor, geo: _Geometry, signs: torch.Tensor | None, s: ExportSettings, radius: float):
-    """Frame sums (rfft, padded) -> ``(images (n, B, B), halves (2, n, B, B) or None)`` in real space."""
+    """Frame sums (rfft, padded) ``(H, n, Bp, Bp//2+1)`` -> ``(start, images (k, B, B), halves (2, k, B, B) or
+    None)`` in real space for consecutive chunks of particles (each independent of the others; kept below
+    ``_FFT_BYTES`` for the same reason)."""
+    bp = geo.box_pad
+    step = max(1, _FINISH_BYTES // (acc.shape[0] * bp * bp * 4))
+    for start in range(0, acc.shape[1], step):
+        part = slice(start, start + step)
+        yield start, *_finish_part(acc[:, part], geo, None if signs is None else signs[part], s, radius)
+
+
+def _finish_part(acc: torch.Tensor, geo: _Geometry, signs: torch.Tensor | None, s: ExportSettings, radius: float):
     if signs is not None:
         acc = acc * signs
     bp, bi = geo.box_pad, geo.box_in
-    padded = torch.fft.irfft2(acc, s=(bp, bp)) * (bp * bp / (bi * bi))  # mean-preserving, as fourier_crop
     start = bp // 2 - geo.box // 2  # the centre pixel Bp // 2 becomes B // 2
-    boxes = padded[..., start : start + geo.box, start : start + geo.box]
-    images = boxes.sum(0)
-    halves = boxes if boxes.shape[0] == 2 else None
-    if s.normalize:
+    boxes = torch.fft.irfft2(acc, s=(bp, bp))[..., start : start + geo.box, start : start + geo.box]
+    images, halves = (boxes.sum(0), boxes) if boxes.shape[0] == 2 else (boxes[0], None)
+    if s.normalize:  # the scale below cancels
         return normalise_particles(images, radius, invert=s.invert, ramp=s.subtract_ramp, halves=halves)
-    if s.invert:
-        return -images, None if halves is None else -halves
-    return images, halves
+    k = (-1.0 if s.invert else 1.0) * bp * bp / (bi * bi)  # mean-preserving, as fourier_crop
+    return images * k, None if halves is None else halves * k
 
 
 def _inside(positions: np.ndarray, shape: Sequence[int], half: float) -> np.ndarray:
@@ -404,7 +567,8 @@ def _inside(positions: np.ndarray, shape: Sequence[int], half: float) -> np.ndar
 
 def _passes(n: int, geo: _Geometry, n_halves: int) -> list[slice]:
     """Particle ranges whose frame sums fit in ``_ACCUMULATOR_BYTES`` (each range reads the frames once)."""
-    per = n_halves * geo.box_pad * (geo.box_pad // 2 + 1) * 8
+    rows, cols = _band_shape(geo)
+    per = n_halves * max(rows * cols, geo.box_pad * (geo.box_pad // 2 + 1)) * 8
     step = max(1, _ACCUMULATOR_BYTES // per)
     return [slice(b, min(n, b + step)) for b in range(0, n, step)]
 
@@ -448,7 +612,7 @@ def extract_particles(
     table = particle_ctf(ctf, yx, (ny, nx))
     if s.phase_flip and table is None:
         raise ValueError("phase flipping needs a CTF: pass the item's CTF fit")
-    weights = _dose_weights(used, n_frames, geo.box_in, ps_in, motion_settings, s.dose_weighting, dev)
+    dose = _dose_weights(used, n_frames, geo.box_in, ps_in, motion_settings, s.dose_weighting, dev)
     radius = (s.diameter / geo.pixel_size / 2) if s.diameter else 0.375 * s.box_size
     n_halves = 2 if s.halves else 1
     passes = _passes(len(yx), geo, n_halves)
@@ -460,20 +624,19 @@ def extract_particles(
         if progress is not None:
             progress(done, total)
 
-    images, halves = [], []
+    images = np.empty((len(yx), s.box_size, s.box_size), np.float32)
+    pair = np.empty((2, *images.shape), np.float32) if s.halves else None
     for sl in passes:
-        acc = _accumulate(frames, positions[:, sl], used, geo, weights, n_halves, dev, tick)
+        acc = _accumulate(frames, positions[:, sl], used, geo, dose, n_halves, dev, tick)
         signs = _flip_signs(ctf, table.iloc[sl], geo, dev) if s.phase_flip else None
-        img, hv = _finish(acc, geo, signs, s, radius)
-        images.append(img.cpu().numpy().astype(np.float32))
-        if hv is not None:
-            halves.append(hv.cpu().numpy().astype(np.float32))
-    empty = np.zeros((0, s.box_size, s.box_size), np.float32)
-    stack = np.concatenate(images) if images else empty
-    pair = np.concatenate(halves, axis=1) if halves else (np.stack([empty, empty]) if s.halves else None)
+        for start, img, hv in _finish(acc, geo, signs, s, radius):
+            at = slice(sl.start + start, sl.start + start + len(img))
+            images[at] = img.cpu().numpy()
+            if hv is not None:
+                pair[:, at] = hv.cpu().numpy()
     half_in = s.box_size * geo.pixel_size / ps_in / 2
     return ParticleStack(
-        images=stack, yx=yx, pixel_size=geo.pixel_size, micrograph_pixel_size=ps_in, ctf=table,
+        images=images, yx=yx, pixel_size=geo.pixel_size, micrograph_pixel_size=ps_in, ctf=table,
         scores=None if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1),
         even=None if pair is None else pair[0], odd=None if pair is None else pair[1],
         inside=_inside(positions, (ny, nx), half_in), phase_flipped=bool(s.phase_flip), **_optics(ctf),
