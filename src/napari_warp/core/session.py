@@ -882,17 +882,32 @@ def _stamp(folder: Path, movie: Path, step: str, key: str, ps: float) -> None:
 _MICROGRAPHS: dict = {}  # item XML -> (stamp, (pixel size, CTF columns)): the list re-reads changed items only
 
 
+def _by_stamp(cache: dict, path: Path, read: Callable[[], object]):
+    """``read()`` once per version of ``path`` (its stat stamp), kept in ``cache``; None (not kept) when the file is
+    missing or ``read`` gives None."""
+    stamp = _stat(path)
+    if stamp is None:
+        return None
+    hit = cache.get(path)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = read()
+    if value is not None:
+        if len(cache) > 100_000:
+            cache.clear()
+        cache[path] = (stamp, value)
+    return value
+
+
 def _micrograph_info(folder: Path, movie: Path) -> tuple[float, dict | None] | None:
     """(pixel size Å/px, RELION CTF columns or None) of an item, from its XML (None without one)."""
+    return _by_stamp(_MICROGRAPHS, item_paths(folder, movie).xml, lambda: _read_micrograph_info(folder, movie))
+
+
+def _read_micrograph_info(folder: Path, movie: Path) -> tuple[float, dict | None] | None:
     from .io.warp_xml import ctf_from_params
 
     paths = item_paths(folder, movie)
-    stamp = _stat(paths.xml)
-    if stamp is None:
-        return None
-    hit = _MICROGRAPHS.get(paths.xml)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
     meta = _read_meta(folder, movie)
     if meta is None:
         return None
@@ -905,11 +920,7 @@ def _micrograph_info(folder: Path, movie: Path) -> tuple[float, dict | None] | N
                "rlnCtfMaxResolution": meta.get_float("CTFResolutionEstimate", 0.0) or 0.0,
                "rlnCtfFigureOfMerit": meta.get_float("CTFScore", 0.0) or 0.0,
                "rlnCtfPowerSpectrum": str(paths.power_spectrum.resolve())}
-    info = (meta.get_float("PixelSize", None) or 1.0, ctf)
-    if len(_MICROGRAPHS) > 100_000:
-        _MICROGRAPHS.clear()
-    _MICROGRAPHS[paths.xml] = (stamp, info)
-    return info
+    return meta.get_float("PixelSize", None) or 1.0, ctf
 
 
 def write_micrograph_list(settings: SessionSettings, folder: str | os.PathLike, records: Sequence[dict]) -> Path | None:
@@ -946,18 +957,16 @@ def _particle_file(folder: Path, movie: Path):
     """The item's exported particles as a ``particles.ParticleFile`` for ``write_particle_star``, from its own
     particle STAR (None when it has none). Only the rows are needed: the images are a zero-stride stand-in of
     the stack's shape, so no stack is read."""
+    paths = item_paths(folder, movie)
+    return _by_stamp(_LISTED, paths.particles_star, lambda: _read_particle_file(paths))
+
+
+def _read_particle_file(paths):
     import pandas as pd
 
     from .io.star import read_star
     from .particles import ParticleFile, ParticleStack
 
-    paths = item_paths(folder, movie)
-    stamp = _stat(paths.particles_star)
-    if stamp is None:
-        return None
-    hit = _LISTED.get(paths.particles_star)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
     blocks = read_star(paths.particles_star)
     optics, rows = blocks["optics"].iloc[0], blocks["particles"]
     n, box = len(rows), int(optics["rlnImageSize"])
@@ -980,9 +989,7 @@ def _particle_file(folder: Path, movie: Path):
     )
     odd, even = paths.particle_halves()
     halves = (odd, even) if odd.exists() and even.exists() else (None, None)
-    pf = ParticleFile(stack=stack, path=paths.particles, micrograph=paths.average, odd=halves[0], even=halves[1])
-    _LISTED[paths.particles_star] = (stamp, pf)
-    return pf
+    return ParticleFile(stack=stack, path=paths.particles, micrograph=paths.average, odd=halves[0], even=halves[1])
 
 
 def write_particle_lists(settings: SessionSettings, folder: str | os.PathLike,
