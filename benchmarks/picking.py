@@ -26,6 +26,8 @@ Methods, on the same images in the same run
   * napari-warp retrained: ``train.train`` from the generic model with the case's ≤ 5 retraining micrographs as new
     examples (``make_example`` from the truth centres), ``TrainingSettings(epochs, patience)``; no dilution with the
     generic training data unless ``--dilute NPZ`` (e.g. the training command's cache). Wall time and epochs recorded.
+  * napari-warp retrained, threshold from its training picks: the same model at the threshold the training dock
+    suggests, the best F1 against the retraining micrographs' own centres (``calibrate_threshold``; no test data).
   * Topaz (``topaz-em`` in ``/work/peer-venv``, its pretrained ``resnet16`` detector; ``benchmarks/_topaz_pick.py``)
     on MRC copies: downscaled by an integer factor to Topaz's recommended sampling (its quick-start guide: pretrained
     models assume 4–8 Å/px, ~4 Å/px for small and medium particles, ~8 Å/px for particles ≥ 300 Å; further if the
@@ -72,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _machine import cpu_and_date
 
 from napari_warp.core.io.mrc_write import write_mrc
-from napari_warp.core.picking import BoxNetSettings, apply_threshold, load_model, pick
+from napari_warp.core.picking import BoxNetSettings, apply_threshold, calibrate_threshold, load_model, pick
 from napari_warp.core.picking.data import CRYOPPP_PIXEL_SIZE, cryoppp_items, cryoppp_truth, load_examples, read_png
 from napari_warp.core.picking.metrics import average_precision, inside_border, precision_recall, score_picks
 from napari_warp.core.picking.train import TrainingSettings, make_example, train
@@ -211,16 +213,23 @@ class Result:
     seconds: float = float("nan")
 
 
-def run_ours(model, micrographs: list[Micrograph]) -> list[Result]:
+def run_ours(model, micrographs: list[Micrograph], threshold: float = THRESHOLD) -> list[Result]:
     out = []
     for m in micrographs:
         t = time.perf_counter()
-        picks = pick(m.image, BoxNetSettings(pixel_size=m.pixel_size, diameter=m.diameter, threshold=THRESHOLD),
+        picks = pick(m.image, BoxNetSettings(pixel_size=m.pixel_size, diameter=m.diameter, threshold=threshold),
                      model)
         secs = time.perf_counter() - t
         ranked = apply_threshold(picks, AP_THRESHOLD)
         out.append(Result(picks.yx, ranked.yx, ranked.score, secs))
     return out
+
+
+def calibrated_threshold(model, micrographs: list[Micrograph]) -> tuple[float, float]:
+    """What the training dock does after retraining: the threshold whose picks best match the retraining
+    micrographs' own centres (``calibrate_threshold``), and that F1."""
+    picks = [pick(m.image, BoxNetSettings(pixel_size=m.pixel_size, diameter=m.diameter), model) for m in micrographs]
+    return calibrate_threshold(picks, [m.truth for m in micrographs])
 
 
 def retrain(generic, case: Case, args, old) -> tuple[object, dict]:
@@ -337,6 +346,9 @@ def run_case(case: Case, generic, args, old, tmp: Path) -> dict:
     if case.retrain:
         model, out["retraining"] = retrain(generic, case, args, old)
         out["methods"]["retrained"] = score_method(run_ours(model, case.test), case.test)
+        threshold, train_f1 = calibrated_threshold(model, case.retrain)
+        out["retraining"].update(calibrated_threshold=threshold, calibration_f1=train_f1)
+        out["methods"]["calibrated"] = score_method(run_ours(model, case.test, threshold), case.test)
     folder = tmp / case.name
     write_mrcs(case.test, folder)
     if not args.skip_topaz:
@@ -474,12 +486,16 @@ def report(res: dict) -> None:
     retrained = [c for c in res["cases"] if "retraining" in c]
     if retrained:
         print("\n| case | retraining micrographs (particles) | epochs run (best) | retraining time (s) |"
-              " F1 generic → retrained | AP generic → retrained |")
-        print("|---|---:|---:|---:|---:|---:|")
+              " F1 generic → retrained | AP generic → retrained | threshold from training picks (their F1) |"
+              " F1 at that threshold |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for c in retrained:
             r, g, t = c["retraining"], c["methods"]["generic"], c["methods"]["retrained"]
+            cal = c["methods"].get("calibrated")
             print(f"| {c['name']} | {r['micrographs']} ({r['particles']}) | {r['epochs_run']} ({r['best_epoch']}) | "
-                  f"{r['seconds']:.0f} | {g['f1']:.3f} → {t['f1']:.3f} | {fmt(g['ap'])} → {fmt(t['ap'])} |")
+                  f"{r['seconds']:.0f} | {g['f1']:.3f} → {t['f1']:.3f} | {fmt(g['ap'])} → {fmt(t['ap'])} | "
+                  f"{fmt(r.get('calibrated_threshold'), '.2f')} ({fmt(r.get('calibration_f1'))}) | "
+                  f"{fmt(cal['f1'] if cal else None)} |")
     if res.get("speed"):
         report_speed(res["speed"])
 
@@ -493,6 +509,11 @@ def method_label(key: str, case: dict) -> str:
         return f"RELION LoG ({r['diameter_min']:.0f}–{r['diameter_max']:.0f} Å, adj. 0)"
     if key == "generic":
         return f"napari-warp generic (≥ {THRESHOLD}, {MIN_DISTANCE:g} d apart)"
+    if key == "calibrated" and "retraining" in case:
+        threshold = case["retraining"]["calibrated_threshold"]
+        return f"napari-warp retrained, threshold from its training picks (≥ {threshold:.2f})"
+    if key == "retrained":
+        return f"napari-warp retrained (≥ {THRESHOLD})"
     return METHODS[key]
 
 

@@ -7,7 +7,15 @@ import pytest
 import torch
 from scipy import ndimage
 
-from napari_warp.core.picking import BoxNet, BoxNetSettings, PickingModel, apply_threshold, load_model, save_model
+from napari_warp.core.picking import (
+    BoxNet,
+    BoxNetSettings,
+    PickingModel,
+    apply_threshold,
+    calibrate_threshold,
+    load_model,
+    save_model,
+)
 from napari_warp.core.picking.infer import (
     _postprocess,
     input_to_model,
@@ -135,6 +143,31 @@ def test_touching_particles_are_split_at_their_maxima():
     assert np.allclose(split.yx[np.argsort(split.yx[:, 1])], centres, atol=1.0)
     merged = apply_threshold(split, min_distance=8.0 * 12)
     assert len(merged) == 1 and np.abs(centres - merged.yx).max(axis=1).min() < 1.0
+
+
+def test_calibrated_threshold_separates_the_users_particles_from_weaker_blobs():
+    """Particles peak at 0.6–0.8 and false blobs at 0.3–0.45: the threshold that best matches the user's picks lies
+    between the two groups (F1 1); picks the user left out (an incomplete set) pull it up to drop them."""
+    rng = np.random.default_rng(3)
+    shape = (128, 128)
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    centres = np.array([[20.0 + 28 * i, 20.0 + 28 * j] for i in range(4) for j in range(4)])
+    rng.shuffle(centres)
+    true, false = centres[:10], centres[10:]
+    peaks = np.r_[rng.uniform(0.6, 0.8, 10), rng.uniform(0.3, 0.45, 6)]
+    blob = np.max([p * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * 2.5**2)) for (cy, cx), p
+                   in zip(np.r_[true, false], peaks)], axis=0)
+    prob = np.stack([1 - blob, blob, np.zeros(shape)]).astype(np.float32)
+    s = BoxNetSettings(pixel_size=4.0, diameter=8.0 * 10)  # input 2× finer than the model grid
+    picks = [_postprocess(prob, (256, 256), 8.0, s, "oracle")]
+    threshold, f1 = calibrate_threshold(picks, [2 * true + 0.5])
+    assert 0.45 <= threshold <= 0.6 and f1 == pytest.approx(1.0)
+    assert len(apply_threshold(picks[0], threshold)) == 10
+    # the user also picked the weak blobs: the threshold drops below them
+    low, f1_all = calibrate_threshold(picks, [2 * centres + 0.5])
+    assert low < 0.3 and f1_all == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one set of centres"):
+        calibrate_threshold(picks, [])
 
 
 def test_resolve_overlaps_keeps_bigger_component():

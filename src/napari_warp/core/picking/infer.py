@@ -286,6 +286,38 @@ def apply_threshold(picks: Picks, threshold: float | None = None, *, artifact_ma
     return _postprocess(picks.probabilities, picks.input_shape, picks.model_pixel_size, settings, picks.model, masks)
 
 
+THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 … 0.95: the docks' slider range
+
+
+def calibrate_threshold(picks: list[Picks], truths: list[np.ndarray],
+                        thresholds=THRESHOLDS) -> tuple[float, float]:
+    """The threshold whose picks best match the user's own: ``(threshold, F1)``.
+
+    picks: ``Picks`` of micrographs the user picked (re-derived from their stored probabilities at each threshold;
+    no network). truths: the user's particle centres ``(N_i, 2)`` px of each. A pick matches within ½ diameter, one
+    to one; picks and centres within ½ diameter of an edge are ignored; counts are pooled over the micrographs.
+    Thresholds within 0.005 F1 of the best form a plateau and its middle is returned, so a flat optimum does not
+    land on its edge. The user's picks must be complete: unpicked particles count as false positives.
+    """
+    from .metrics import score_picks
+
+    if len(picks) != len(truths) or not picks:
+        raise ValueError(f"need one set of centres per micrograph, got {len(truths)} for {len(picks)}")
+    f1 = np.zeros(len(thresholds))
+    for k, threshold in enumerate(thresholds):
+        counts = np.zeros(3)
+        for p, truth in zip(picks, truths):
+            radius = 0.5 * p.settings.diameter / p.settings.pixel_size
+            s = score_picks(apply_threshold(p, float(threshold)).yx, truth, radius, exclude_border=radius,
+                            shape=p.input_shape)
+            counts += (s.true_positives, s.false_positives, s.false_negatives)
+        tp, fp, fn = counts
+        f1[k] = 2 * tp / max(2 * tp + fp + fn, 1)
+    near = np.flatnonzero(f1 >= f1.max() - 0.005)
+    best = int(near[len(near) // 2])
+    return float(thresholds[best]), float(f1[best])
+
+
 def _postprocess(prob: np.ndarray, input_shape, model_pixel_size: float, s: BoxNetSettings, label: str,
                  masks: tuple[np.ndarray, np.ndarray] | None = None) -> Picks:
     """Picks from probabilities; ``masks`` (model, input sampling) reuses an artifact mask already derived."""
