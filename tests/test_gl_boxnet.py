@@ -76,6 +76,11 @@ def test_retrain_on_picks_then_repick_in_the_viewer(make_napari_viewer, qtbot, t
     _wait(qtbot, trainer.repick())
     assert [layer for layer in viewer.layers if layer.name == "sim picks"] == [points]  # updated in place
     assert points.metadata["model"] == model.label and points.metadata["model_path"] == str(out)
+    # at the threshold that matched the training picks best, which the picking dock shows for this micrograph
+    assert points.metadata["threshold"] == pytest.approx(model.trained_on["threshold"])
+    picker.source.value = None
+    picker.source.value = mic
+    assert picker.threshold.value == pytest.approx(model.trained_on["threshold"])
     after = stored_picks(points)
     assert after.model == model.label
     assert not np.allclose(after.probabilities, before), "re-picking did not use the new network"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_warp.core.picking.infer import THRESHOLDS
+
 pytest.importorskip("qtpy")
 
 PIXEL_SIZE = 4.0  # Å/px: the 512² micrographs below are 256² at BoxNet's 8 Å/px
@@ -80,6 +82,27 @@ def test_pick_adds_picks_and_artifacts_aligned_with_the_micrograph(qtbot, viewer
     assert widget.last_picks is not None and widget.last_picks.model == label
     assert f"{len(points.data)} picks" in widget.summary.value and label in widget.summary.value
     assert widget.run_button.enabled and not widget.cancel_button.enabled
+
+
+def test_a_retrained_models_threshold_sets_the_slider(viewer_model, tmp_path):
+    """A model saved by the training dock carries the threshold its training picks suggested: choosing the model
+    file moves the slider there; a model without one leaves the slider alone."""
+    import torch
+
+    from napari_warp._widgets.boxnet import BoxNetWidget
+    from napari_warp.core.picking import BoxNet, PickingModel, save_model
+
+    torch.manual_seed(0)
+    plain = save_model(PickingModel(BoxNet(width=4), name="plain"), tmp_path / "plain.pt")
+    tuned = save_model(PickingModel(BoxNet(width=4), name="tuned", trained_on={"threshold": 0.45}),
+                       tmp_path / "tuned.pt")
+    widget = BoxNetWidget(viewer_model)
+    widget.threshold.value = 0.3
+    widget.model_file.value = plain
+    assert widget.threshold.value == pytest.approx(0.3)
+    widget.model_file.value = tuned
+    assert widget.threshold.value == pytest.approx(0.45)
+    assert "threshold 0.45, the best on its training picks" in widget.model_label.value
 
 
 def _fake_probabilities(shape, peaks, artifact_box):
@@ -287,6 +310,9 @@ def test_training_runs_with_live_metrics_saves_and_repicks(qtbot, viewer_model, 
     assert saved.name == "boxnet-retrained" and saved.label == widget.model.label
     assert saved.trained_on["base_model"] == load_model(tiny_model).label
     assert saved.trained_on["micrographs"] == ["sim"] and saved.trained_on["picks"] == len(truth.data)
+    threshold = saved.trained_on["threshold"]
+    assert threshold in THRESHOLDS and 0 <= saved.trained_on["threshold_f1"] <= 1
+    assert f"Threshold {threshold:.2f} matches your picks best" in widget.status.value
     assert "Saved" in widget.status.value and str(out) in widget.status.value
     assert widget.out.value != out  # the next training gets a new file
     assert widget.repick_button.enabled
@@ -295,6 +321,7 @@ def test_training_runs_with_live_metrics_saves_and_repicks(qtbot, viewer_model, 
     qtbot.waitUntil(lambda: len(_role(viewer_model, "picks")) == 1, timeout=5000)
     (points,) = _role(viewer_model, "picks")
     assert points.name == "sim picks" and points.metadata["model"] == saved.label
+    assert points.metadata["threshold"] == pytest.approx(threshold)  # re-picked at the calibrated threshold
     assert stored_picks(points).model == saved.label
     assert "Re-picked" in widget.status.value
 
@@ -347,3 +374,6 @@ def test_retrained_model_is_used_by_the_session_its_micrographs_came_from(tmp_pa
     assert use_in_sessions([item, loose, item], model, 180.0) == [folder]
     s = load_settings(folder)
     assert s.pick is True and s.picking.model == str(model) and s.picking.diameter == 180.0
+    before = s.picking.threshold
+    assert use_in_sessions([item], model, 180.0, threshold=0.35) == [folder]
+    assert load_settings(folder).picking.threshold == pytest.approx(0.35) != before

@@ -328,6 +328,9 @@ class BoxNetWidget(ProgressRun, Container):
         if points is not None and points.metadata.get("diameter"):
             with self.diameter.changed.blocked():
                 self.diameter.value = float(points.metadata["diameter"])
+        if points is not None and points.metadata.get("threshold") is not None:
+            with self.threshold.changed.blocked():  # each micrograph's picks keep their own threshold
+                self.threshold.value = float(points.metadata["threshold"])
         where = f"{ps:.4g} Å/px" if ps else "pixel size unknown: enter it"
         shape = "×".join(str(s) for s in layer.data.shape)
         self.status.value = f"{layer.name}: {shape} px, {where}."
@@ -344,6 +347,9 @@ class BoxNetWidget(ProgressRun, Container):
             self.model_label.value = f"Model: cannot read it ({exc})"
             return
         self.model_label.value = f"Model: {model.label}"
+        if (threshold := suggested_threshold(model)) is not None:
+            self.threshold.value = threshold  # live: re-derives the current picks
+            self.model_label.value += f"; threshold {threshold:.2f}, the best on its training picks"
 
     # -- settings ------------------------------------------------------------------------------------------------
     def settings(self):
@@ -775,6 +781,10 @@ class BoxNetTrainingWidget(ProgressRun, Container):
                                    on_epoch=on_epoch)
             if not history.epoch:
                 return None, history, None
+            threshold = threshold_f1 = None
+            if not self._cancel:  # cancelled: save what there is, now
+                self._phase = "Choosing the threshold that best matches your picks …"
+                threshold, threshold_f1 = threshold_on_picks(model, items, diameter, self._report)
             version = time.strftime("%Y%m%d-%H%M%S")
             model.name, model.version = RETRAINED_NAME, version
             model.trained_on = {
@@ -782,6 +792,7 @@ class BoxNetTrainingWidget(ProgressRun, Container):
                 "picks": int(sum(len(it[2]) for it in items)), "diameter_A": diameter,
                 "generic_micrographs": n_old, "epochs": int(history.epoch[-1]), "best_epoch": int(history.best_epoch),
                 "new_on_new_f1": _finite(history.new_on_new[history.best_epoch - 1]),
+                "threshold": threshold, "threshold_f1": threshold_f1,
                 "cancelled": bool(self._cancel), "date": version,
             }
             return model, history, save_model(model, out)
@@ -798,8 +809,12 @@ class BoxNetTrainingWidget(ProgressRun, Container):
             best = history.best_epoch
             f1 = history.new_on_new[best - 1]
             how = "cancelled at" if self._cancel else "ran"
+            cal = model.trained_on
+            tuned = ("" if cal["threshold"] is None else f"Threshold {cal['threshold']:.2f} matches your picks best "
+                     f"(F1 {cal['threshold_f1']:.2f}); Re-pick uses it. ")
             self.status.value = (f"Training {how} {history.epoch[-1]} epochs in {history.seconds:.0f} s; best "
-                                 f"epoch {best} (new net on new data F1 {f1:.2f}). Saved {model.label} to {path}.")
+                                 f"epoch {best} (new net on new data F1 {f1:.2f}). {tuned}"
+                                 f"Saved {model.label} to {path}.")
             self.repick_button.enabled = True
             if _path_or_none(self.out.value) == out:
                 self.out.value = default_model_path()  # the next training does not overwrite this one
@@ -899,7 +914,7 @@ class BoxNetTrainingWidget(ProgressRun, Container):
                 continue
             old = our_layer(self._viewer, "picks", mic)
             meta = old.metadata if old is not None else {}
-            threshold = meta.get("threshold")
+            threshold = suggested_threshold(self.model) or meta.get("threshold")
             stored = stored_picks(old) if old is not None else None
             settings = BoxNetSettings(
                 pixel_size=layer_pixel_size(mic) or float(self.pixel_size.value),
@@ -932,7 +947,8 @@ class BoxNetTrainingWidget(ProgressRun, Container):
                     _show_result(self._viewer, mic, picks, path)
                     shown.append(f"{mic.name}: {len(picks)}")
             self.status.value = f"Re-picked with {model.label}: " + ", ".join(shown) + " picks."
-            folders = use_in_sessions([m for m, _, _ in jobs], path, float(self.diameter.value))
+            folders = use_in_sessions([m for m, _, _ in jobs], path, float(self.diameter.value),
+                                      suggested_threshold(model))
             if folders:
                 self.status.value += (f" Session {', '.join(f.name for f in folders)} now picks with this model: "
                                       "start processing to re-pick all its micrographs.")
@@ -951,10 +967,11 @@ class BoxNetTrainingWidget(ProgressRun, Container):
         return self._worker
 
 
-def use_in_sessions(micrographs, model_path, diameter: float) -> list:
+def use_in_sessions(micrographs, model_path, diameter: float, threshold: float | None = None) -> list:
     """Point the sessions the ``micrographs`` came from (session-dock item layers) at ``model_path``: their settings
-    file gets ``session.pick = true``, ``picking.model`` and ``picking.diameter``, so every item's picking step is
-    outdated and the next processing run re-picks them all. Returns the session folders changed."""
+    file gets ``session.pick = true``, ``picking.model``, ``picking.diameter`` (and ``picking.threshold`` when
+    given), so every item's picking step is outdated and the next processing run re-picks them all. Returns the
+    session folders changed."""
     from ..core.session import apply_overrides, load_settings, save_settings
 
     folders = []
@@ -965,10 +982,34 @@ def use_in_sessions(micrographs, model_path, diameter: float) -> list:
         settings = load_settings(folder)
         if settings is None:
             continue
-        save_settings(folder, apply_overrides(settings, ["session.pick=true", f"picking.model={Path(model_path)}",
-                                                          f"picking.diameter={diameter:g}"]))
+        changes = ["session.pick=true", f"picking.model={Path(model_path)}", f"picking.diameter={diameter:g}"]
+        if threshold is not None:
+            changes.append(f"picking.threshold={threshold:g}")
+        save_settings(folder, apply_overrides(settings, changes))
         folders.append(Path(folder))
     return folders
+
+
+def suggested_threshold(model) -> "float | None":
+    """The threshold a retrained model's training picks suggest (stored in its ``trained_on``), or None."""
+    value = (getattr(model, "trained_on", None) or {}).get("threshold")
+    return float(value) if value is not None else None
+
+
+def threshold_on_picks(model, items, diameter: float, progress=None) -> tuple[float, float]:
+    """Pick the training micrographs ``items`` (``(image, Å/px, picks px, artifact, ignore, name)``) with ``model``
+    and return the threshold whose picks best match the user's (``calibrate_threshold``) and that F1. Painted
+    artifacts replace the network's mask; painted "ignore" areas leave out picks and centres in them."""
+    from ..core.picking import BoxNetSettings, apply_threshold, calibrate_threshold, pick
+
+    picks = []
+    for k, (image, pixel_size, _yx, artifact, _ignore, _name) in enumerate(items):
+        p = pick(image, BoxNetSettings(pixel_size=pixel_size, diameter=diameter), model)
+        picks.append(apply_threshold(p, artifact_mask=artifact) if artifact is not None else p)
+        if progress:
+            progress(k + 1, len(items))
+    valid = [None if it[4] is None else ~np.asarray(it[4], dtype=bool) for it in items]
+    return calibrate_threshold(picks, [it[2] for it in items], valid=valid)
 
 
 def _finite(value) -> "float | None":

@@ -289,8 +289,8 @@ def apply_threshold(picks: Picks, threshold: float | None = None, *, artifact_ma
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 … 0.95: the docks' slider range
 
 
-def calibrate_threshold(picks: list[Picks], truths: list[np.ndarray],
-                        thresholds=THRESHOLDS) -> tuple[float, float]:
+def calibrate_threshold(picks: list[Picks], truths: list[np.ndarray], thresholds=THRESHOLDS,
+                        valid: list[np.ndarray | None] | None = None) -> tuple[float, float]:
     """The threshold whose picks best match the user's own: ``(threshold, F1)``.
 
     picks: ``Picks`` of micrographs the user picked (re-derived from their stored probabilities at each threshold;
@@ -298,18 +298,21 @@ def calibrate_threshold(picks: list[Picks], truths: list[np.ndarray],
     to one; picks and centres within ½ diameter of an edge are ignored; counts are pooled over the micrographs.
     Thresholds within 0.005 F1 of the best form a plateau and its middle is returned, so a flat optimum does not
     land on its edge. The user's picks must be complete: unpicked particles count as false positives.
+    valid: optional bool ``(Y, X)`` per micrograph (or None), False where picks and centres are left out (areas the
+    user marked as uncertain).
     """
     from .metrics import score_picks
 
     if len(picks) != len(truths) or not picks:
         raise ValueError(f"need one set of centres per micrograph, got {len(truths)} for {len(picks)}")
+    valid = valid if valid is not None else [None] * len(picks)
     f1 = np.zeros(len(thresholds))
     for k, threshold in enumerate(thresholds):
         counts = np.zeros(3)
-        for p, truth in zip(picks, truths):
+        for p, truth, ok in zip(picks, truths, valid):
             radius = 0.5 * p.settings.diameter / p.settings.pixel_size
             s = score_picks(apply_threshold(p, float(threshold)).yx, truth, radius, exclude_border=radius,
-                            shape=p.input_shape)
+                            shape=p.input_shape, valid=ok)
             counts += (s.true_positives, s.false_positives, s.false_negatives)
         tp, fp, fn = counts
         f1[k] = 2 * tp / max(2 * tp + fp + fn, 1)
