@@ -812,6 +812,8 @@ class BoxNetTrainingWidget(ProgressRun, Container):
             cal = model.trained_on
             tuned = ("" if cal["threshold"] is None else f"Threshold {cal['threshold']:.2f} matches your picks best "
                      f"(F1 {cal['threshold_f1']:.2f}); Re-pick uses it. ")
+            if cal["threshold_f1"] == 0:
+                tuned += "It finds none of your particles: train longer, or check the diameter and pixel size. "
             self.status.value = (f"Training {how} {history.epoch[-1]} epochs in {history.seconds:.0f} s; best "
                                  f"epoch {best} (new net on new data F1 {f1:.2f}). {tuned}"
                                  f"Saved {model.label} to {path}.")
