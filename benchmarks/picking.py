@@ -24,8 +24,9 @@ Methods, on the same images in the same run
     (``BoxNetSettings().threshold``), diameter = the case's truth diameter. Ranked picks for AP / best F1: the same
     probabilities thresholded at ``AP_THRESHOLD``.
   * napari-warp retrained: ``train.train`` from the generic model with the case's ≤ 5 retraining micrographs as new
-    examples (``make_example`` from the truth centres), ``TrainingSettings(epochs, patience)``; no dilution with the
-    generic training data unless ``--dilute NPZ`` (e.g. the training command's cache). Wall time and epochs recorded.
+    examples (``make_example`` from the truth centres), ``TrainingSettings(epochs, patience, holdout)`` (20 % of each
+    micrograph held out for early stopping by default); no dilution with the generic training data unless
+    ``--dilute NPZ`` (e.g. the training command's cache). Wall time and epochs recorded.
   * napari-warp retrained, threshold from its training picks: the same model at the threshold the training dock
     suggests, the best F1 against the retraining micrographs' own centres (``calibrate_threshold``; no test data).
   * Topaz (``topaz-em`` in ``/work/peer-venv``, its pretrained ``resnet16`` detector; ``benchmarks/_topaz_pick.py``)
@@ -235,7 +236,8 @@ def calibrated_threshold(model, micrographs: list[Micrograph]) -> tuple[float, f
 def retrain(generic, case: Case, args, old) -> tuple[object, dict]:
     """The generic model retrained on the case's retraining micrographs (their truth centres as labels)."""
     new = [make_example(m.image, m.pixel_size, m.truth, m.diameter, source=m.name) for m in case.retrain]
-    settings = TrainingSettings(epochs=args.epochs, patience=args.patience, dilute=old is not None)
+    settings = TrainingSettings(epochs=args.epochs, patience=args.patience, dilute=old is not None,
+                                holdout=args.holdout)
     model, history = train(generic, new, old, settings)
     info = dict(micrographs=len(new), particles=int(sum(len(m.truth) for m in case.retrain)),
                 epochs_run=len(history.epoch), best_epoch=history.best_epoch, seconds=history.seconds,
@@ -467,7 +469,8 @@ def report(res: dict) -> None:
           f"numpy {v['numpy']}; napari-warp {v['napari_warp']}; Topaz {v['topaz'] or '—'}; RELION {v['relion'] or '—'}"
           + (f"; CUDA: {v['cuda']}" if v["cuda"] else ""))
     print(f"Model: {res['model']['label']} ({res['model']['path']}); retraining: ≤ {res['settings']['epochs']} epochs, "
-          f"patience {res['settings']['patience']}, dilution {'on' if res['settings']['dilute'] else 'off'}, "
+          f"patience {res['settings']['patience']}, {res['settings'].get('holdout', 0):.0%} held out for early "
+          f"stopping, dilution {'on' if res['settings']['dilute'] else 'off'}, "
           f"on {res['settings']['device']}\n")
     print("| case | test micrographs (particles) | method | precision | recall | F1 | best F1 (threshold) | AP |"
           " picks / micrograph |")
@@ -547,6 +550,8 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="generic model file (default: the shipped one)")
     ap.add_argument("--epochs", type=int, default=None, help="retraining epochs (default 30; --quick 2)")
     ap.add_argument("--patience", type=int, default=10, help="retraining early-stop patience (epochs)")
+    ap.add_argument("--holdout", type=float, default=TrainingSettings().holdout,
+                    help="fraction of each retraining micrograph held out for early stopping")
     ap.add_argument("--dilute", type=Path, default=None, help="examples .npz (save_examples) to dilute retraining")
     ap.add_argument("--cases", default=None, help=f"comma-separated subset of {','.join(ALL_CASES)}")
     ap.add_argument("--speed-size", type=int, default=None, help="speed micrograph size (default 4096; --quick 1024)")
@@ -568,7 +573,8 @@ def main(argv=None):
     generic = load_model(args.model)
     old = load_examples(args.dilute) if args.dilute else None
     result = dict(model=dict(path=str(generic.path), label=generic.label, trained_on=generic.trained_on),
-                  settings=dict(quick=args.quick, epochs=args.epochs, patience=args.patience, dilute=bool(old),
+                  settings=dict(quick=args.quick, epochs=args.epochs, patience=args.patience, holdout=args.holdout,
+                                dilute=bool(old),
                                 threshold=THRESHOLD, min_distance=MIN_DISTANCE, ap_threshold=AP_THRESHOLD,
                                 topaz_threshold=TOPAZ_THRESHOLD,
                                 topaz_extract=TOPAZ_EXTRACT, relion_ap_threshold=RELION_AP_THRESHOLD,

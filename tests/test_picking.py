@@ -253,3 +253,29 @@ def test_augmented_windows_keep_image_and_labels_aligned():
         pred = (xi > (lo + hi) / 2) & (xi < hi + (hi - lo) / 2)
         truth = yi == 1
         assert (pred[vi] == truth[vi]).float().mean() > 0.95
+
+
+def test_holdout_bands_are_kept_out_of_training_and_used_for_early_stopping():
+    """holdout: a band across each micrograph loses its labels in the training copy and becomes its own example; the
+    best epoch and the new-data metrics come from the bands."""
+    from napari_warp.core.picking.train import IGNORE, TrainingExample, TrainingSettings, split_holdout, train
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(100, 160)).astype(np.float32)
+    labels = rng.integers(0, 3, size=(100, 160)).astype(np.uint8)
+    ex = TrainingExample(image, labels, "mic")
+    (kept,), (band,) = split_holdout([ex], 0.2, 32, np.random.default_rng(1))
+    ignored = np.flatnonzero((kept.labels == IGNORE).all(axis=0))  # columns: the band runs across the longer axis
+    assert len(ignored) == 32 == band.image.shape[1] and band.image.shape[0] == 100
+    assert np.array_equal(ignored, np.arange(ignored[0], ignored[0] + 32))
+    assert np.array_equal(band.labels, labels[:, ignored]) and np.array_equal(band.image, image[:, ignored])
+    assert np.array_equal(np.delete(kept.labels, ignored, axis=1), np.delete(labels, ignored, axis=1))
+    assert kept.image is image and band.source == "mic (held out)"
+
+    torch.manual_seed(0)
+    model = PickingModel(BoxNet(width=4), name="tiny")
+    settings = dict(epochs=2, patience=0, window=32, batch_size=2, eval_windows=2, dilute=False)
+    _, plain = train(model, [ex], None, TrainingSettings(**settings), device="cpu")
+    _, held = train(model, [ex], None, TrainingSettings(holdout=0.2, **settings), device="cpu")
+    assert len(held.epoch) == 2 and held.best_epoch in (1, 2)
+    assert held.old_on_new[0] != plain.old_on_new[0]  # the old network scored on other (held-out) windows
