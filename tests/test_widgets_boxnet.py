@@ -284,6 +284,7 @@ def test_training_runs_with_live_metrics_saves_and_repicks(qtbot, viewer_model, 
     assert f"sim: {len(truth.data)} picks + painted" in widget.pairing.value
     assert widget.pixel_size.value == pytest.approx(PIXEL_SIZE)
     assert widget.epochs.value == 100 and widget.patience.value == 20 and widget.dilute.value
+    assert widget.training_settings().holdout == pytest.approx(0.2)
 
     widget.start_model.value = tiny_model
     widget.epochs.value = 2

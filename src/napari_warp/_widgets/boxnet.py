@@ -588,6 +588,9 @@ class BoxNetTrainingWidget(ProgressRun, Container):
                            "Passes over the new micrographs' area (100 in the paper)")
         self.patience = _tip(SpinBox(label="Early stop after (epochs)", value=20, min=0, max=10000),
                              "Stop when the new network on new data has not improved for this many epochs (0: never)")
+        self.holdout = _tip(SpinBox(label="Held out for early stop (%)", value=20, min=0, max=50, step=5),
+                            "Share of each micrograph (a band across it) kept out of training: the new-data curves "
+                            "and the best epoch come from it, so the plot shows overfitting (0: train on all)")
         self.window = _tip(SpinBox(label="Window (px at 8 Å/px)", value=128, min=32, max=1024, step=16),
                            "Training window side at the network's 8 Å/px (multiple of 16)")
         self.dilute = _tip(CheckBox(label="Dilute with generic data", value=True),
@@ -607,7 +610,7 @@ class BoxNetTrainingWidget(ProgressRun, Container):
         self.plot_box = Container(widgets=[], labels=False)
         self._body = Container(widgets=[
             self.points, self.masks, self.fallback, self.pairing, self.pixel_size, self.diameter, self.start_model,
-            self.epochs, self.patience, self.window, self.dilute, self.n_generic, self.out,
+            self.epochs, self.patience, self.holdout, self.window, self.dilute, self.n_generic, self.out,
             Container(widgets=[self.run_button, self.cancel_button, self.repick_button], layout="horizontal",
                       labels=False),
             self.progress, self.status, self.plot_box,
@@ -707,7 +710,8 @@ class BoxNetTrainingWidget(ProgressRun, Container):
         from ..core.picking.train import TrainingSettings
 
         values = dict(epochs=int(self.epochs.value), patience=int(self.patience.value),
-                      window=int(self.window.value), dilute=bool(self.dilute.value))
+                      window=int(self.window.value), dilute=bool(self.dilute.value),
+                      holdout=int(self.holdout.value) / 100)
         values.update(overrides)
         return TrainingSettings(**values)
 
