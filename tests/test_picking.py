@@ -275,7 +275,8 @@ def test_holdout_bands_are_kept_out_of_training_and_used_for_early_stopping():
     torch.manual_seed(0)
     model = PickingModel(BoxNet(width=4), name="tiny")
     settings = dict(epochs=2, patience=0, window=32, batch_size=2, eval_windows=2, dilute=False)
-    _, plain = train(model, [ex], None, TrainingSettings(**settings), device="cpu")
+    _, plain = train(model, [ex], None, TrainingSettings(holdout=0.0, **settings), device="cpu")
+    assert TrainingSettings().holdout == pytest.approx(0.2)  # on by default
     _, held = train(model, [ex], None, TrainingSettings(holdout=0.2, **settings), device="cpu")
     assert len(held.epoch) == 2 and held.best_epoch in (1, 2)
     assert held.old_on_new[0] != plain.old_on_new[0]  # the old network scored on other (held-out) windows
