@@ -75,8 +75,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _machine import cpu_and_date
 
 from napari_warp.core.io.mrc_write import write_mrc
-from napari_warp.core.picking import BoxNetSettings, apply_threshold, calibrate_threshold, load_model, pick
+from napari_warp.core.picking import BoxNetSettings, apply_threshold, load_model, pick
 from napari_warp.core.picking.data import CRYOPPP_PIXEL_SIZE, cryoppp_items, cryoppp_truth, load_examples, read_png
+from napari_warp.core.picking.infer import threshold_on_picks
 from napari_warp.core.picking.metrics import average_precision, inside_border, precision_recall, score_picks
 from napari_warp.core.picking.train import TrainingSettings, make_example, train
 from napari_warp.core.simulate import MovieSimulation, simulate_movie
@@ -229,8 +230,7 @@ def run_ours(model, micrographs: list[Micrograph], threshold: float = THRESHOLD)
 def calibrated_threshold(model, micrographs: list[Micrograph]) -> tuple[float, float]:
     """What the training dock does after retraining: the threshold whose picks best match the retraining
     micrographs' own centres (``calibrate_threshold``), and that F1."""
-    picks = [pick(m.image, BoxNetSettings(pixel_size=m.pixel_size, diameter=m.diameter), model) for m in micrographs]
-    return calibrate_threshold(picks, [m.truth for m in micrographs])
+    return threshold_on_picks(model, [(m.image, m.pixel_size, m.truth, m.diameter, None, None) for m in micrographs])
 
 
 def retrain(generic, case: Case, args, old) -> tuple[object, dict]:

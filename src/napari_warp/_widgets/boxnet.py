@@ -763,6 +763,7 @@ class BoxNetTrainingWidget(ProgressRun, Container):
         @thread_worker
         def work():
             from ..core.picking import save_model
+            from ..core.picking.infer import threshold_on_picks
             from ..core.picking.train import make_example, train
 
             base = load_picking_model(start)
@@ -788,7 +789,8 @@ class BoxNetTrainingWidget(ProgressRun, Container):
             threshold = threshold_f1 = None
             if not self._cancel:  # cancelled: save what there is, now
                 self._phase = "Choosing the threshold that best matches your picks …"
-                threshold, threshold_f1 = threshold_on_picks(model, items, diameter, self._report)
+                threshold, threshold_f1 = threshold_on_picks(
+                    model, [(img, ps, yx, diameter, a, ig) for img, ps, yx, a, ig, _ in items], self._report)
             version = time.strftime("%Y%m%d-%H%M%S")
             model.name, model.version = RETRAINED_NAME, version
             model.trained_on = {
@@ -1000,22 +1002,6 @@ def suggested_threshold(model) -> "float | None":
     """The threshold a retrained model's training picks suggest (stored in its ``trained_on``), or None."""
     value = (getattr(model, "trained_on", None) or {}).get("threshold")
     return float(value) if value is not None else None
-
-
-def threshold_on_picks(model, items, diameter: float, progress=None) -> tuple[float, float]:
-    """Pick the training micrographs ``items`` (``(image, Å/px, picks px, artifact, ignore, name)``) with ``model``
-    and return the threshold whose picks best match the user's (``calibrate_threshold``) and that F1. Painted
-    artifacts replace the network's mask; painted "ignore" areas leave out picks and centres in them."""
-    from ..core.picking import BoxNetSettings, apply_threshold, calibrate_threshold, pick
-
-    picks = []
-    for k, (image, pixel_size, _yx, artifact, _ignore, _name) in enumerate(items):
-        p = pick(image, BoxNetSettings(pixel_size=pixel_size, diameter=diameter), model)
-        picks.append(apply_threshold(p, artifact_mask=artifact) if artifact is not None else p)
-        if progress:
-            progress(k + 1, len(items))
-    valid = [None if it[4] is None else ~np.asarray(it[4], dtype=bool) for it in items]
-    return calibrate_threshold(picks, [it[2] for it in items], valid=valid)
 
 
 def _finite(value) -> "float | None":

@@ -321,6 +321,24 @@ def calibrate_threshold(picks: list[Picks], truths: list[np.ndarray], thresholds
     return float(thresholds[best]), float(f1[best])
 
 
+def threshold_on_picks(model: PickingModel, micrographs, progress: Progress | None = None) -> tuple[float, float]:
+    """Pick micrographs the user picked with ``model`` and return ``calibrate_threshold``'s ``(threshold, F1)``.
+
+    micrographs: ``[(image (Y, X), Å/px, centres (N, 2) px, diameter Å, artifact, ignore)]``; artifact / ignore are
+    bool ``(Y, X)`` masks or None: a painted artifact mask replaces the network's, "ignore" areas leave out picks
+    and centres in them.
+    """
+    picks, centres, valid = [], [], []
+    for k, (image, pixel_size, yx, diameter, artifact, ignore) in enumerate(micrographs):
+        p = pick(image, BoxNetSettings(pixel_size=pixel_size, diameter=diameter), model)
+        picks.append(apply_threshold(p, artifact_mask=artifact) if artifact is not None else p)
+        centres.append(yx)
+        valid.append(None if ignore is None else ~np.asarray(ignore, dtype=bool))
+        if progress:
+            progress(k + 1, len(micrographs))
+    return calibrate_threshold(picks, centres, valid=valid)
+
+
 def _postprocess(prob: np.ndarray, input_shape, model_pixel_size: float, s: BoxNetSettings, label: str,
                  masks: tuple[np.ndarray, np.ndarray] | None = None) -> Picks:
     """Picks from probabilities; ``masks`` (model, input sampling) reuses an artifact mask already derived."""
