@@ -48,7 +48,8 @@ MRC (its own pick time from memory: downsample + normalise + CNN + NMS; first an
 RELION LoG (wall time of the whole single-micrograph ``relion_autopick`` process, one core).
 
 Run (the full run takes roughly 1–1.5 h on 2 idle cores: most of it is retraining, ~30 epochs × 5 cases, and
-Topaz, whose CNN takes about a minute per 1024² image on 2 CPU cores; ``--quick`` takes a few minutes)::
+Topaz, whose CNN takes about a minute per 1024² image on 2 CPU cores; each further seed adds about 16 min of
+retraining, so ``--seeds 5`` took 1 h 50 min; ``--quick`` takes a few minutes)::
 
     /work/venv/bin/python benchmarks/picking.py [--quick] [--model PATH] [--epochs 30] [--patience 10]
         [--cases sim-8osk,sim-blobs,10028,10028-all,10059,10947,speed] [--skip-topaz] [--skip-relion]
