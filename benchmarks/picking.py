@@ -608,6 +608,8 @@ def main(argv=None):
     unknown = set(names) - set(ALL_CASES)
     if unknown:
         ap.error(f"unknown cases {sorted(unknown)}; choose from {ALL_CASES}")
+    if args.seeds < 1:
+        ap.error(f"--seeds must be at least 1, got {args.seeds}")
     if not PEER_PY.exists():
         args.skip_topaz = True
     if shutil.which("relion_autopick") is None:
